@@ -1,0 +1,29 @@
+# All set-up lives here: `make test` and `make pretrain` create .venv on a fresh machine when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: test lint pretrain bench-dry venv clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench-dry: $(BIN)/.installed
+	$(BIN)/python -m pytest -q benches/ --benchmark-disable
+
+pretrain: $(BIN)/.installed
+	$(BIN)/python training/pretrain.py --preset demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,261 @@
+"""``fastmae.MAE``: a drop-in for the original ``MaskedAutoencoderViT`` whose hot ops run as Triton kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from . import ops, reference
+from .configs import get_config
+from .layers import Block, PatchEmbed
+from .masking import num_kept, random_masking
+from .pos_embed import sincos_2d
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+
+
+class LoadResult(NamedTuple):
+    """What :meth:`MAE.load_pretrained` did not match: keys the model has that the file lacks, and the reverse."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class MAE(nn.Module):
+    """Masked Autoencoder with a ViT backbone: the original architecture, keys and outputs, with fused kernels.
+
+    Args:
+        img_size: input resolution (square).
+        patch_size: p; the encoder sees ``(img_size/p)² · (1 - mask_ratio)`` patches plus a cls token.
+        in_chans: image channels C.
+        embed_dim, depth, num_heads: encoder width, blocks and heads.
+        decoder_embed_dim, decoder_depth, decoder_num_heads: decoder width, blocks and heads.
+        mlp_ratio: MLP hidden size over width.
+        norm_layer: normalization constructor (LayerNorm, eps 1e-6).
+        norm_pix_loss: normalize each target patch by its mean and unbiased variance.
+        impl: ``"auto"`` (Triton kernels for CUDA tensors, eager otherwise), ``"triton"`` or ``"eager"``;
+            the environment variable ``FASTMAE_IMPL`` overrides it.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_layer=reference.LayerNorm6,
+        norm_pix_loss: bool = False,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        impl = ops.resolve_impl(impl)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, norm_layer, impl) for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_layer, impl) for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+
+        self.norm_pix_loss = norm_pix_loss
+        self.in_chans = in_chans
+        self._impl = impl
+        self.initialize_weights()
+
+    @property
+    def impl(self) -> str:
+        """The op implementation in use (``"auto"``, ``"triton"`` or ``"eager"``); settable."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        value = ops.resolve_impl(value)
+        self._impl = value
+        for blk in [*self.blocks, *self.decoder_blocks]:
+            blk.attn.impl = value
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    def initialize_weights(self) -> None:
+        """The paper's initialization: fixed sin-cos positions, xavier-uniform Linears and patch embedding."""
+        grid = self.patch_embed.grid_size
+        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid).float().unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], grid).float().unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(reference.MaskedAutoencoderViT._init_weights)
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` → ``[N, L, p²·C]``, (i, j, c) order inside a patch."""
+        return reference.patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, L, p²·C]`` → ``[N, C, H, W]``."""
+        return reference.unpatchify(x, self.patch_size, self.in_chans, self.patch_embed.grid_size)
+
+    def _check_imgs(self, imgs: torch.Tensor) -> None:
+        if not isinstance(imgs, torch.Tensor):
+            raise TypeError(f"imgs must be a torch.Tensor [N, C, H, W], got {type(imgs).__name__}")
+        if imgs.dim() != 4:
+            raise ValueError(f"imgs must be 4-D [N, C, H, W], got shape {list(imgs.shape)}")
+        if not imgs.is_floating_point():
+            raise TypeError(f"imgs must be a floating tensor, got {imgs.dtype}")
+        _, c, h, w = imgs.shape
+        if c != self.in_chans:
+            raise ValueError(f"imgs has {c} channels, the model expects in_chans={self.in_chans}")
+        if (h, w) != self.patch_embed.img_size:
+            raise ValueError(f"imgs is {h}x{w}, the model expects img_size={self.patch_embed.img_size[0]}")
+        param = self.patch_embed.proj.weight
+        if imgs.device != param.device:
+            raise ValueError(f"imgs is on {imgs.device} but the model is on {param.device}")
+        if imgs.dtype != param.dtype and not torch.is_autocast_enabled(imgs.device.type):
+            raise TypeError(
+                f"imgs is {imgs.dtype} but the model's parameters are {param.dtype}; convert one, or run under "
+                "torch.autocast"
+            )
+        ops.check_device(self.impl, imgs)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Encode the visible patches.
+
+        Args:
+            imgs: ``[N, C, H, W]``.
+            mask_ratio: fraction of patches removed, in [0, 1); 0 encodes every patch (feature extraction).
+            noise: optional ``[N, L]`` noise fixing the mask (patches with the smallest noise are kept).
+
+        Returns:
+            ``(latent [N, 1+K, D], mask [N, L] with 1 = removed, ids_restore [N, L])``.
+        """
+        self._check_imgs(imgs)
+        ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.num_patches, mask_ratio, imgs.device, noise)
+        proj = self.patch_embed.proj
+        x = ops.patch_embed_visible(
+            self.impl, imgs, ids_keep, proj.weight, proj.bias, self.pos_embed, self.cls_token
+        )  # [N, 1+K, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Predict every patch's pixels: ``[N, 1+K, D]`` → ``[N, L, p²·C]``."""
+        x = self.decoder_embed(latent)  # [N, 1+K, Dd]
+        x = ops.decoder_assemble(self.impl, x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1+L, p²C]
+        return x[:, 1:, :]  # [N, L, p²C]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The MSE on masked patches against (optionally per-patch normalized) pixels."""
+        return ops.masked_mse_loss(self.impl, pred, imgs, mask, self.patch_size, self.norm_pix_loss)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        """Mask, encode, decode and score.
+
+        Args:
+            imgs: ``[N, C, H, W]``.
+            mask_ratio: fraction of patches removed, in (0, 1): at least one patch kept and one masked.
+            noise: optional ``[N, L]`` noise fixing the mask.
+
+        Returns:
+            ``(loss, pred [N, L, p²·C], mask [N, L])``.
+        """
+        if num_kept(self.num_patches, mask_ratio) == self.num_patches:
+            raise ValueError(f"mask_ratio={mask_ratio} masks no patch out of {self.num_patches}; the loss needs one")
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+    def load_pretrained(self, checkpoint: str | Path | Mapping[str, torch.Tensor]) -> LoadResult:
+        """Load original-format MAE weights: a file or dict holding a state dict, under ``'model'`` or not.
+
+        Encoder-only files leave the decoder as initialized. Files are read with ``weights_only=True``.
+
+        Args:
+            checkpoint: a path, or a (possibly nested under ``'model'``) state dict.
+
+        Returns:
+            The missing and unexpected keys.
+        """
+        if isinstance(checkpoint, (str, Path)):
+            try:
+                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"cannot read checkpoint {str(checkpoint)!r}: {e}") from e
+        if not isinstance(checkpoint, Mapping):
+            raise TypeError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
+        state = checkpoint.get("model", checkpoint)
+        own = self.state_dict()
+        for key, value in state.items():
+            if key in own and tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"checkpoint key {key!r} has shape {list(value.shape)}, the model expects {list(own[key].shape)}"
+                )
+        result = self.load_state_dict(state, strict=False)
+        return LoadResult(list(result.missing_keys), list(result.unexpected_keys))
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights with timm ``VisionTransformer`` keys (no ``mask_token``, no decoder)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def create_model(name: str, **kwargs) -> MAE:
+    """Build the named config (see :func:`fastmae.list_configs`); keywords override it (e.g. ``impl``)."""
+    return MAE(**{**get_config(name).kwargs(), **kwargs})
+
+
+def mae_vit_base_patch16(**kwargs) -> MAE:
+    """ViT-B/16 encoder (768-d, 12 blocks, 12 heads), 512-d 8-block decoder."""
+    return create_model("mae_vit_base_patch16", **kwargs)
+
+
+def mae_vit_large_patch16(**kwargs) -> MAE:
+    """ViT-L/16 encoder (1024-d, 24 blocks, 16 heads), 512-d 8-block decoder."""
+    return create_model("mae_vit_large_patch16", **kwargs)
+
+
+def mae_vit_huge_patch14(**kwargs) -> MAE:
+    """ViT-H/14 encoder (1280-d, 32 blocks, 16 heads), 512-d 8-block decoder."""
+    return create_model("mae_vit_huge_patch14", **kwargs)
+
+
+def mae_vit_small_patch16(**kwargs) -> MAE:
+    """ViT-S/16 encoder (384-d, 12 blocks, 6 heads), 256-d 4-block decoder."""
+    return create_model("mae_vit_small_patch16", **kwargs)
+
+
+def mae_vit_tiny_patch16(**kwargs) -> MAE:
+    """ViT-Ti/16 encoder (192-d, 12 blocks, 3 heads), 128-d 4-block decoder."""
+    return create_model("mae_vit_tiny_patch16", **kwargs)
+
+
+def mae_vit_nano_patch8(**kwargs) -> MAE:
+    """A toy model for tests and CPU demos: 64-px images, 8-px patches, 128-d 4-block encoder."""
+    return create_model("mae_vit_nano_patch8", **kwargs)

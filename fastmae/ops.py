@@ -1,0 +1,107 @@
+"""Dispatch of each fused op to its Triton kernel or its eager form, by ``impl``.
+
+``impl`` is ``"auto"`` (Triton for CUDA tensors when a kernel exists for the op, eager otherwise), ``"triton"``
+(Triton wherever a kernel exists; on the CPU only under ``TRITON_INTERPRET=1``) or ``"eager"``. The environment
+variable ``FASTMAE_IMPL`` overrides what a constructor was given. Kernel modules are imported lazily, on first
+use, so that ``TRITON_INTERPRET`` may be set after ``import fastmae`` and nothing touches the GPU at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+IMPLS = ("auto", "triton", "eager")
+ENV_VAR = "FASTMAE_IMPL"
+
+# op name -> (module, function) of its Triton kernel; the function takes the eager op's arguments.
+KERNELS: dict[str, tuple[str, str]] = {
+    "patch_embed": ("fastmae.kernels.patch_embed", "patch_embed_visible"),
+    "attention": ("fastmae.kernels.attention", "attention"),
+    "masked_mse": ("fastmae.kernels.masked_mse", "masked_mse_loss"),
+    "decoder_assembly": ("fastmae.kernels.decoder_assembly", "decoder_assemble"),
+}
+
+
+def resolve_impl(impl: str) -> str:
+    """The impl to use: ``$FASTMAE_IMPL`` when set, else ``impl``; validated."""
+    chosen = os.environ.get(ENV_VAR) or impl
+    if chosen not in IMPLS:
+        source = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "impl"
+        raise ValueError(f"{source} must be one of {IMPLS}, got {chosen!r}")
+    return chosen
+
+
+def interpreter_on() -> bool:
+    """Whether Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_kernel(op: str) -> Callable | None:
+    """The Triton implementation of ``op``, or None when fastmae ships no kernel for it (or Triton is missing)."""
+    module, name = KERNELS[op]
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec(module) is None:
+        return None
+    return getattr(importlib.import_module(module), name)
+
+
+def check_device(impl: str, x: torch.Tensor) -> None:
+    """Raise a clear error when ``impl="triton"`` is asked for where kernels cannot run."""
+    if impl == "triton" and not x.is_cuda and not interpreter_on():
+        raise RuntimeError(
+            f"impl='triton' needs CUDA tensors (got a tensor on {x.device}); use impl='auto' or 'eager', "
+            "or set TRITON_INTERPRET=1 before importing fastmae's kernels to run them on the CPU"
+        )
+
+
+def use_triton(impl: str, op: str, x: torch.Tensor) -> bool:
+    """Whether ``op`` on tensor ``x`` runs its Triton kernel under ``impl``."""
+    if impl == "eager":
+        return False
+    if impl == "auto" and not x.is_cuda:
+        return False
+    check_device(impl, x)
+    return triton_kernel(op) is not None
+
+
+def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """The eager model's attention: ``reference.attention``'s math through ``F.scaled_dot_product_attention``."""
+    b, n, three_hd = qkv.shape
+    d = three_hd // (3 * num_heads)
+    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, N, d]
+    return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
+
+
+def patch_embed_visible(impl: str, imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.Tensor:
+    """See :func:`fastmae.reference.patch_embed_visible`."""
+    fn = triton_kernel("patch_embed") if use_triton(impl, "patch_embed", imgs) else reference.patch_embed_visible
+    return fn(imgs, ids_keep, weight, bias, pos_embed, cls_token)
+
+
+def attention(impl: str, qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """See :func:`fastmae.reference.attention`; the eager path uses SDPA."""
+    fn = triton_kernel("attention") if use_triton(impl, "attention", qkv) else sdpa_attention
+    return fn(qkv, num_heads, scale)
+
+
+def masked_mse_loss(impl: str, pred, imgs, mask, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+    """See :func:`fastmae.reference.masked_mse_loss`."""
+    fn = triton_kernel("masked_mse") if use_triton(impl, "masked_mse", pred) else reference.masked_mse_loss
+    return fn(pred, imgs, mask, patch_size, norm_pix_loss)
+
+
+def decoder_assemble(impl: str, x, ids_restore, mask_token, pos_embed) -> torch.Tensor:
+    """See :func:`fastmae.reference.decoder_assemble`."""
+    use = use_triton(impl, "decoder_assembly", x)
+    fn = triton_kernel("decoder_assembly") if use else reference.decoder_assemble
+    return fn(x, ids_restore, mask_token, pos_embed)

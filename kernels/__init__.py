@@ -1,0 +1,11 @@
+"""fastmae's Triton kernels, one module per fused op (installed as ``fastmae.kernels``).
+
+Each module holds, top to bottom: a docstring with the forward and backward math, the ``@triton.jit`` kernels,
+launchers that validate, allocate and launch, and the autograd layer exposing a function with the signature of
+the eager op in :mod:`fastmae.reference`. Nothing here imports fastmae's model code or queries the GPU at import.
+
+- ``patch_embed.patch_embed_visible``: patchify + gather of the visible patches fused with the embedding GEMM.
+- ``attention.attention``: flash attention from the packed qkv projection, for MAE's short sequences.
+- ``masked_mse.masked_mse_loss``: the masked-only, per-patch normalized MSE read straight from the image.
+- ``decoder_assembly.decoder_assemble``: visible tokens + mask tokens, unshuffled, + positions, in one pass.
+"""

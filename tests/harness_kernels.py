@@ -1,0 +1,22 @@
+"""Two tiny kernels that exercise the compile harness: one valid, one that only fails when compiled."""
+
+import triton
+import triton.language as tl
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 32}, num_warps=2), triton.Config({"BLOCK": 64}, num_warps=4)], key=[])
+@triton.jit
+def square_dot(X, Y, n, BLOCK: tl.constexpr):
+    """Y[:n] = (X Xᵀ)[:n] for a BLOCK×BLOCK tile: a tensor-core dot."""
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(X + offs[:, None] * BLOCK + offs[None, :]).to(tl.float16)
+    y = tl.dot(x, tl.trans(x))
+    tl.store(Y + offs[:, None] * BLOCK + offs[None, :], y, mask=offs[:, None] < n)
+
+
+@triton.jit
+def shared_hog(X, Y, BLOCK: tl.constexpr):
+    """A dot of BLOCK×BLOCK fp32 tiles: at BLOCK=256 it needs far more shared memory than any GPU has."""
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(X + offs[:, None] * BLOCK + offs[None, :])
+    tl.store(Y + offs[:, None] * BLOCK + offs[None, :], tl.dot(x, x))

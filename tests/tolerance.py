@@ -1,0 +1,31 @@
+"""The tolerance rule for kernels: error against a high-precision reference at most 2× the eager op's own error."""
+
+from __future__ import annotations
+
+import torch
+
+# The small absolute slack added to the bound, per dtype.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_within_eager_error(
+    out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: torch.Tensor, dtype: torch.dtype, name: str = "", atol=None
+) -> None:
+    """``max|out − ref_hi| ≤ 2·max|ref_lo − ref_hi| + atol``.
+
+    Args:
+        out: the kernel's result.
+        ref_hi: the eager op run in float64 (on inputs upcast from the same low-precision values).
+        ref_lo: the eager op run in the kernel's dtype.
+        dtype: the kernel's input dtype (selects the default atol).
+    """
+    assert out.shape == ref_hi.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_hi.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten elements?)"
+    atol = ATOL[dtype] if atol is None else atol
+    err, eager_err = max_err(out, ref_hi), max_err(ref_lo, ref_hi)
+    bound = 2 * eager_err + atol
+    assert err <= bound, f"{name}: kernel error {err:.3g} > 2 × eager error {eager_err:.3g} + {atol:g}"
