@@ -1,0 +1,421 @@
+"""Flash attention for MAE's short sequences: packed ``qkv`` in, the output projection's layout out.
+
+Math, per batch row b and head h, with q, k, v the ``[N, d]`` slices of ``qkv [B, N, 3, H, d]`` read in place
+through strides (no permute, no copy) and ``c = scale · log2(e)``:
+
+Forward (``_attn_fwd``, one program per query tile of ``BLOCK_M`` rows, looping over key tiles of ``BLOCK_N``)::
+
+    s2  = (q · kᵀ) · c                                   # base-2 logits, fp32
+    m'  = max(m, rowmax(s2));  alpha = 2^(m − m');  p̃ = 2^(s2 − m')
+    l   = alpha · l + rowsum(p̃);  acc = alpha · acc + p̃ · v     # online softmax, fp32 state
+    out = acc / l                 -> out [B, N, H·d] at columns h·d .. h·d+d-1 (the proj Linear's input)
+    lse = m + log2(l)             -> lse [B, H, N], fp32, base 2 (saved for the backward)
+
+Backward, given ``dout = ∂L/∂out [B, N, H·d]``, with ``p = 2^(q·kᵀ·c − lse)`` recomputed from the saved lse::
+
+    dp = dout · vᵀ,  Delta = rowsum(dout ∘ out) = rowsum(p ∘ dp),  ds = p ∘ (dp − Delta) · scale
+    dv = pᵀ · dout,  dk = dsᵀ · q,  dq = ds · k   -> written straight into dqkv [B, N, 3·H·d]
+
+* ``N <= 128`` (MAE's encoders, 50 and 65 tokens): ``_attn_bwd_fused``, one program per (b, h) holds the whole
+  head in one tile and does all five dots with no recomputation; Delta is rowsum(p ∘ dp), so ``out`` is not read.
+* ``N > 128`` (the decoders, 197 and 257 tokens): ``_attn_bwd_dq`` (one program per query tile: the Delta
+  preprocess from ``dout ∘ out`` for its rows, stored to an fp32 ``[B, H, N]`` buffer, then dq over all key tiles)
+  followed by ``_attn_bwd_dkdv`` (one program per key tile, looping over query tiles, reading Delta).
+
+Every element of out, lse and dqkv is written by exactly one program, in a fixed order: no atomics, and results
+are bitwise deterministic run to run.
+
+Constraints: head dim d in [16, 128] (80 for ViT-H/14 included); d is padded to ``D_PAD`` = next power of two in
+registers only, with masked loads and stores. Any N >= 1: rows and keys past N are masked (keys to -inf in the
+forward, p = 0 in the backward). A 1-D grid, tiles of one head adjacent, so a head's k and v stay in L2 while its
+tiles run, and B·H is not limited by CUDA's 65535 cap on grid dims 1 and 2.
+
+Precision: fp16/bf16 dots run on tensor cores with fp32 accumulation; p and ds are rounded to the input dtype
+before their dots (as the eager op rounds its probabilities). fp32 inputs use ``input_precision="ieee"`` dots
+(no TF32): eager fp32 matmuls on CUDA do not use TF32 by default, and TF32's ~1e-3 relative error would break
+the rule that the kernel's error stays within twice the eager error.
+
+Torch integration: the forward and the backward are each a ``torch.library.triton_op`` (``fastmae::attention_fwd``
+and ``fastmae::attention_bwd``) whose bodies launch the kernels through ``wrap_triton``; a
+``torch.autograd.Function`` with ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")`` ties them together.
+triton_op gives ``torch.compile`` a traceable op with an automatic fake implementation (no graph break, and
+Inductor sees and schedules the Triton kernels themselves), while the autograd.Function keeps autograd and AMP in
+the form every fastmae kernel uses. Under ``TRITON_INTERPRET=1`` the same ops and kernels run on the CPU; only the
+autotuner is bypassed there (the first config of the list, or one forced by :func:`force_config`), since
+benchmarking interpreted kernels is meaningless.
+
+Tuning (H100, bf16; small autotune lists keyed by N bucket, tuned per (N, d, dtype)): B·H is in the thousands
+(B = 256, H = 12..16), so per-head parallelism is plenty and tiles are sized to waste few rows:
+* N <= 64 (ViT-B/L encoder, 50): one 64 x 64 tile, 4 warps (one Hopper warpgroup, wgmma m64), or 8.
+* N <= 128 (ViT-H encoder, 65): forward 64 x 128 with 4 warps or 128 x 128 with 8; the fused backward needs a
+  128 x 128 tile and 8 warps to hold s, dp and one fp32 accumulator in registers.
+* N <= 256 (decoders, 197): forward 64 x 64 / 128 x 64; backward owns 64 (or 128 with 8 warps) rows and loops
+  over 64-wide tiles, num_stages 2 to overlap the next tile's loads with the dots.
+* longer: 128 x 64 with 8 warps, 3 stages (the usual flash-attention shape on Hopper), or 64 x 64 with 4.
+All dots are ``tl.dot`` with M, N, K >= 16. Shared memory of every config (fp16/bf16, d padded to 128) stays under
+sm_80's limit; the tests compile every kernel and config for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+from fastmae.kernels._common import check_float, empty
+from torch.library import triton_op, wrap_triton
+
+LOG2E = math.log2(math.e)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+FUSED_MAX_N = 128  # sequences up to this length take the one-tile fused backward
+
+
+@triton.jit
+def _load_tile(base, rows, stride, n, offs_d, HEAD_DIM: tl.constexpr):
+    """``[len(rows), D_PAD]`` tile of a row-major ``[n, HEAD_DIM]`` slice with row stride ``stride``; 0 outside."""
+    mask = (rows[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, stride, n, offs_d, x, HEAD_DIM: tl.constexpr):
+    mask = (rows[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(base + rows[:, None] * stride + offs_d[None, :], x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attn_fwd(
+    QKV, Out, Lse, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out and lse for one query tile of one (b, h); grid ``(B·H·cdiv(N, BLOCK_M),)``."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    bh = pid // n_tiles
+    b = bh // H
+    h = bh % H
+    q_ptr = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    k_ptr = q_ptr + H * HEAD_DIM
+    v_ptr = k_ptr + H * HEAD_DIM
+    rows = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+
+    q = _load_tile(q_ptr, rows, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_M, D_PAD]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + offs_n
+        k = _load_tile(k_ptr, cols, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_N, D_PAD]
+        v = _load_tile(v_ptr, cols, stride_qkv_n, N, offs_d, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
+        s = tl.where(cols[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    out_ptr = Out + b.to(tl.int64) * stride_out_b + h * HEAD_DIM
+    _store_tile(out_ptr, rows, stride_out_n, N, offs_d, acc / l_i[:, None], HEAD_DIM)
+    tl.store(Lse + bh.to(tl.int64) * N + rows, m_i + tl.math.log2(l_i), mask=rows < N)
+
+
+@triton.jit
+def _attn_bwd_fused(
+    QKV, Lse, DOut, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
+    scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """dq, dk, dv of one (b, h) whose N <= BLOCK tokens fit one tile; grid ``(B·H,)``."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    q_ptr = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    dqkv_ptr = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
+    do_ptr = DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
+    idx = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    q = _load_tile(q_ptr, idx, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK, D_PAD]
+    k = _load_tile(q_ptr + H * HEAD_DIM, idx, stride_qkv_n, N, offs_d, HEAD_DIM)
+    v = _load_tile(q_ptr + 2 * H * HEAD_DIM, idx, stride_qkv_n, N, offs_d, HEAD_DIM)
+    do = _load_tile(do_ptr, idx, stride_do_n, N, offs_d, HEAD_DIM)
+    lse = tl.load(Lse + bh.to(tl.int64) * N + idx, mask=idx < N, other=0.0)
+
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK(q), BLOCK(k)]
+    valid = (idx[:, None] < N) & (idx[None, :] < N)
+    p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    delta = tl.sum(p * dp, 1)
+    ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
+    dv = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=PRECISION)  # [BLOCK, D_PAD]
+    _store_tile(dqkv_ptr + 2 * H * HEAD_DIM, idx, stride_dqkv_n, N, offs_d, dv, HEAD_DIM)
+    dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+    _store_tile(dqkv_ptr + H * HEAD_DIM, idx, stride_dqkv_n, N, offs_d, dk, HEAD_DIM)
+    dq = tl.dot(ds, k, input_precision=PRECISION)
+    _store_tile(dqkv_ptr, idx, stride_dqkv_n, N, offs_d, dq, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    QKV, Out, Lse, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
+    stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Delta and dq of one query tile; grid ``(B·H·cdiv(N, BLOCK_M),)``."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    bh = pid // n_tiles
+    b = bh // H
+    h = bh % H
+    q_ptr = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    k_ptr = q_ptr + H * HEAD_DIM
+    v_ptr = k_ptr + H * HEAD_DIM
+    rows = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+
+    q = _load_tile(q_ptr, rows, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_M, D_PAD]
+    do = _load_tile(DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, rows, stride_do_n, N, offs_d, HEAD_DIM)
+    o = _load_tile(Out + b.to(tl.int64) * stride_out_b + h * HEAD_DIM, rows, stride_out_n, N, offs_d, HEAD_DIM)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BLOCK_M]
+    tl.store(Delta + bh.to(tl.int64) * N + rows, delta, mask=rows < N)
+    lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + offs_n
+        k = _load_tile(k_ptr, cols, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_N, D_PAD]
+        v = _load_tile(v_ptr, cols, stride_qkv_n, N, offs_d, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.where(cols[None, :] < N, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None]) * scale
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    _store_tile(DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM, rows, stride_dqkv_n, N, offs_d, dq, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    QKV, Lse, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
+    stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dk and dv of one key tile (after ``_attn_bwd_dq`` wrote Delta); grid ``(B·H·cdiv(N, BLOCK_N),)``."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    bh = pid // n_tiles
+    b = bh // H
+    h = bh % H
+    q_ptr = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    do_ptr = DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
+    cols = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+
+    k = _load_tile(q_ptr + H * HEAD_DIM, cols, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_N, D_PAD]
+    v = _load_tile(q_ptr + 2 * H * HEAD_DIM, cols, stride_qkv_n, N, offs_d, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + offs_m
+        q = _load_tile(q_ptr, rows, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_M, D_PAD]
+        do = _load_tile(do_ptr, rows, stride_do_n, N, offs_d, HEAD_DIM)
+        lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
+        delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        p_t = tl.where(rows[None, :] < N, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        dv = tl.dot(p_t.to(q.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :]) * scale
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    dk_ptr = DQKV + b.to(tl.int64) * stride_dqkv_b + (H + h) * HEAD_DIM
+    _store_tile(dk_ptr, cols, stride_dqkv_n, N, offs_d, dk, HEAD_DIM)
+    _store_tile(dk_ptr + H * HEAD_DIM, cols, stride_dqkv_n, N, offs_d, dv, HEAD_DIM)
+
+
+def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+def _cfg_fused(block: int, num_warps: int) -> triton.Config:
+    return triton.Config({"BLOCK": block}, num_warps=num_warps, num_stages=1)
+
+
+# N bucket (the largest N it serves; None: longer) -> candidate configs. The first one of each list is the
+# default wherever the autotuner does not run (the interpreter).
+FWD_CONFIGS = {
+    64: [_cfg(64, 64, 4, 1), _cfg(64, 64, 8, 1)],
+    128: [_cfg(64, 128, 4, 1), _cfg(128, 128, 8, 1)],
+    256: [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
+    None: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+}
+BWD_FUSED_CONFIGS = {
+    64: [_cfg_fused(64, 4), _cfg_fused(64, 8)],
+    128: [_cfg_fused(128, 8)],
+}
+BWD_DQ_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)]  # owns BLOCK_M query rows
+BWD_DKDV_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2)]  # owns BLOCK_N keys
+
+
+def _tuner(fn, configs: list[triton.Config]):
+    return triton.autotune(configs=configs, key=["N", "HEAD_DIM"])(fn)
+
+
+_FWD = {bucket: _tuner(_attn_fwd, cfgs) for bucket, cfgs in FWD_CONFIGS.items()}
+_BWD_FUSED = {bucket: _tuner(_attn_bwd_fused, cfgs) for bucket, cfgs in BWD_FUSED_CONFIGS.items()}
+_BWD_DQ = _tuner(_attn_bwd_dq, BWD_DQ_CONFIGS)
+_BWD_DKDV = _tuner(_attn_bwd_dkdv, BWD_DKDV_CONFIGS)
+
+# triton.jit turned the kernels into interpreted functions when this was set at import.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_forced: dict[str, int] = {}
+
+
+def bucket(n: int) -> int | None:
+    """The N bucket whose configs serve a sequence of ``n`` tokens."""
+    return next((b for b in (64, 128, 256) if n <= b), None)
+
+
+@contextlib.contextmanager
+def force_config(**index: int) -> Iterator[None]:
+    """Launch the named kernels with config ``index`` of their bucket's list instead of the autotuner's pick.
+
+    Names: ``fwd``, ``bwd_fused``, ``bwd_dq``, ``bwd_dkdv``; e.g. ``force_config(fwd=1)``.
+    """
+    unknown = set(index) - {"fwd", "bwd_fused", "bwd_dq", "bwd_dkdv"}
+    if unknown:
+        raise ValueError(f"unknown kernel names {sorted(unknown)}")
+    prev = dict(_forced)
+    _forced.update(index)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(prev)
+
+
+def _launch(name: str, tuner, grid, args: tuple, consts: dict) -> None:
+    """Launch an autotuned kernel, or its forced / default config without benchmarking."""
+    index = _forced.get(name)
+    if index is None and not _INTERPRETED:
+        wrap_triton(tuner)[grid](*args, **consts)
+        return
+    cfg = tuner.configs[index or 0]
+    wrap_triton(tuner.fn)[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _consts(dtype: torch.dtype, head_dim: int) -> dict:
+    precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is unused by fp16/bf16 dots
+    return {"HEAD_DIM": head_dim, "D_PAD": triton.next_power_of_2(head_dim), "PRECISION": precision}
+
+
+@triton_op("fastmae::attention_fwd", mutates_args=())
+def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """out ``[B, N, H·d]`` and the base-2 row logsumexp ``[B, H, N]`` (fp32) of validated, unit-stride ``qkv``."""
+    b, n, three_hd = qkv.shape
+    h, d = num_heads, three_hd // (3 * num_heads)
+    out = empty(b, n, h * d, dtype=qkv.dtype, device=qkv.device)  # [B, N, H·d]
+    lse = empty(b, h, n, dtype=torch.float32, device=qkv.device)  # [B, H, N]
+    if b > 0:
+        args = (qkv, out, lse, n, h, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale * LOG2E)
+        grid = lambda meta: (b * h * triton.cdiv(n, meta["BLOCK_M"]),)
+        _launch("fwd", _FWD[bucket(n)], grid, args, _consts(qkv.dtype, d))
+    return out, lse
+
+
+@triton_op("fastmae::attention_bwd", mutates_args=())
+def attention_bwd(
+    qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, num_heads: int, scale: float
+) -> torch.Tensor:
+    """dqkv ``[B, N, 3·H·d]`` from the forward's qkv, out, lse and a unit-stride ``dout [B, N, H·d]``."""
+    b, n, three_hd = qkv.shape
+    h, d = num_heads, three_hd // (3 * num_heads)
+    dqkv = empty(b, n, three_hd, dtype=qkv.dtype, device=qkv.device)  # [B, N, 3·H·d]
+    if b == 0:
+        return dqkv
+    consts = _consts(qkv.dtype, d)
+    strides = (qkv.stride(0), qkv.stride(1))
+    do_strides = (dout.stride(0), dout.stride(1))
+    dqkv_strides = (dqkv.stride(0), dqkv.stride(1))
+    if n <= FUSED_MAX_N:
+        args = (qkv, lse, dout, dqkv, n, h, *strides, *do_strides, *dqkv_strides, scale, scale * LOG2E)
+        _launch("bwd_fused", _BWD_FUSED[bucket(n)], (b * h,), args, consts)
+        return dqkv
+    delta = empty(b, h, n, dtype=torch.float32, device=qkv.device)  # [B, H, N]
+    out_strides = (out.stride(0), out.stride(1))
+    args = (qkv, out, lse, dout, delta, dqkv, n, h, *strides, *out_strides, *do_strides, *dqkv_strides)
+    grid = lambda meta: (b * h * triton.cdiv(n, meta["BLOCK_M"]),)
+    _launch("bwd_dq", _BWD_DQ, grid, (*args, scale, scale * LOG2E), consts)
+    args = (qkv, lse, dout, delta, dqkv, n, h, *strides, *do_strides, *dqkv_strides, scale, scale * LOG2E)
+    grid = lambda meta: (b * h * triton.cdiv(n, meta["BLOCK_N"]),)
+    _launch("bwd_dkdv", _BWD_DKDV, grid, args, consts)
+    return dqkv
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+        out, lse = attention_fwd(qkv, num_heads, scale)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout: torch.Tensor):
+        qkv, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1 or dout.dtype != qkv.dtype:
+            dout = dout.to(qkv.dtype).contiguous()
+        return attention_bwd(qkv, out, lse, dout, ctx.num_heads, ctx.scale), None, None
+
+
+def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """Multi-head self-attention from the packed qkv projection; the fused form of ``fastmae.reference.attention``.
+
+    Args:
+        qkv: ``[B, N, 3·H·d]`` float32/float16/bfloat16 on CUDA (or the CPU under ``TRITON_INTERPRET=1``), the
+            qkv Linear's output viewed as ``[B, N, 3, H, d]``; 16 <= d <= 128, N >= 1. Read in place (a copy is
+            made only when its last dim is not unit-stride).
+        num_heads: H >= 1.
+        scale: the logit scale, ``d ** -0.5`` when None.
+
+    Returns:
+        ``[B, N, H·d]`` = softmax(q·kᵀ·scale)·v per head, heads concatenated (the proj Linear's input layout), in
+        qkv's dtype. Differentiable with respect to qkv.
+    """
+    check_float("qkv", qkv)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads <= 0:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be 3-D [B, N, 3·H·d], got shape {tuple(qkv.shape)}")
+    b, n, three_hd = qkv.shape
+    if three_hd % (3 * num_heads) != 0:
+        raise ValueError(f"qkv's last dim {three_hd} must be divisible by 3 * num_heads = {3 * num_heads}")
+    d = three_hd // (3 * num_heads)
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim d = {three_hd} / (3 * {num_heads}) = {d} must be in [16, 128]")
+    if n < 1:
+        raise ValueError(f"qkv must hold at least one token (N >= 1), got shape {tuple(qkv.shape)}")
+    if scale is None:
+        scale = d**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if qkv.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"qkv must be a CUDA tensor (got one on {qkv.device}); set TRITON_INTERPRET=1 for the CPU")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return _Attention.apply(qkv, num_heads, float(scale))
