@@ -1,0 +1,302 @@
+"""The masked-only MSE kernel against fastmae.reference.masked_mse_loss: loss, dpred, edge cases, compilation."""
+
+import math
+import os
+
+import pytest
+import torch
+from fastmae.kernels._common import poison_outputs
+from fastmae.kernels.masked_mse import _tile, check_mask_errors, masked_mse_loss, masked_mse_loss_rows
+
+from fastmae import reference
+from fastmae.masking import random_masking
+from tests.compile_harness import KernelSpec, assert_compiles
+from tests.tolerance import ATOL, assert_within_eager_error
+
+MOD = "fastmae.kernels.masked_mse"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+PC = [(8, 1), (8, 3), (14, 1), (14, 3), (16, 1), (16, 3)]
+
+
+def make(n, c, gh, gw, p, dtype, device="cpu", img_dtype=None):
+    """Random imgs [N, C, gh·p, gw·p] and pred [N, gh·gw, p²C] (not zeros), in the given dtypes."""
+    imgs = (torch.rand(n, c, gh * p, gw * p, device=device) * 2 - 0.5).to(img_dtype or dtype)
+    pred = torch.randn(n, gh * gw, p * p * c, device=device).to(dtype)
+    return pred, imgs
+
+
+def kernel_run(fn, pred, imgs, mask, p, norm, gscale):
+    """Loss and dpred from the kernel with NaN-poisoned outputs, upstream gradient ``gscale``."""
+    pred = pred.detach().clone().requires_grad_()
+    with poison_outputs():
+        loss = fn(pred, imgs, mask, p, norm)
+        loss.backward(torch.tensor(gscale, device=pred.device))
+    return loss.detach(), pred.grad
+
+
+def eager_run(pred, imgs, mask, p, norm, gscale, dtype):
+    """The reference's loss and dpred, on pred/imgs cast to ``dtype`` (float64 for the precise oracle)."""
+    pred = pred.detach().to(dtype).requires_grad_()
+    imgs = imgs.to(torch.float64 if dtype == torch.float64 else imgs.dtype)
+    loss = reference.masked_mse_loss(pred, imgs, mask, p, norm)
+    loss.backward(torch.tensor(gscale, dtype=loss.dtype, device=pred.device))
+    return loss.detach(), pred.grad
+
+
+def check_against_eager(pred, imgs, mask, p, norm, fn=masked_mse_loss, name=""):
+    """Kernel vs eager-in-pred's-dtype vs eager-in-fp64: the tolerance rule on loss and dpred."""
+    d = pred.shape[-1]
+    wsum = float(mask.sum()) if mask is not None else pred.shape[0] * pred.shape[1]
+    gscale = d * wsum / 2  # makes dpred = (pred - target) · mask: O(1) values
+    loss, grad = kernel_run(fn, pred, imgs, mask, p, norm, gscale)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert grad.dtype == pred.dtype and grad.shape == pred.shape
+    lo_mask = mask.to(torch.float32) if mask is not None and mask.dtype == torch.bool else mask
+    hi_mask = mask.to(torch.float64) if mask is not None else None
+    ref_lo = eager_run(pred, imgs, lo_mask, p, norm, gscale, pred.dtype)
+    ref_hi = eager_run(pred, imgs, hi_mask, p, norm, gscale, torch.float64)
+    assert_within_eager_error(loss, ref_hi[0], ref_lo[0].float(), pred.dtype, f"{name} loss")
+    assert_within_eager_error(grad, ref_hi[1], ref_lo[1], pred.dtype, f"{name} dpred", atol_for(grad, ref_hi[1]))
+    if mask is not None:
+        assert (grad[mask == 0] == 0).all(), "rows with mask 0 must get an exact zero gradient"
+    return loss, grad
+
+
+def atol_for(result: torch.Tensor, ref: torch.Tensor):
+    """The rule's atol, plus one bf16 ulp of max|ref| for bf16 results under the interpreter, whose fp32→bf16
+    casts truncate (the GPU rounds to nearest even, and is held to the plain rule in the cuda tests)."""
+    if not (INTERPRETED and result.dtype == torch.bfloat16):
+        return None
+    top = ref.abs().max().item()
+    return ATOL[torch.bfloat16] + (2.0 ** (math.floor(math.log2(top)) - 7) if top > 0 else 0.0)
+
+
+def random_mask(n, num, ratio=0.75):
+    return random_masking(n, num, ratio).mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("p,c", PC)
+def test_matches_eager(p, c, norm, dtype):
+    torch.manual_seed(p * 10 + c)
+    pred, imgs = make(2, c, 3, 5, p, dtype)  # L = 15: not a multiple of any BLOCK_R
+    check_against_eager(pred, imgs, random_mask(2, 15), p, norm, name=f"p{p} C{c} norm={norm}")
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_bf16_pred_fp32_imgs_as_under_autocast(norm):
+    torch.manual_seed(1)
+    pred, imgs = make(3, 3, 2, 3, 16, torch.bfloat16, img_dtype=torch.float32)
+    check_against_eager(pred, imgs, random_mask(3, 6), 16, norm)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("case", ["one", "all_but_one", "none", "fractional", "bool", "single_row"])
+def test_mask_cases(case, norm):
+    torch.manual_seed(3)
+    n, gh, gw = (1, 1, 1) if case == "single_row" else (2, 3, 4)
+    pred, imgs = make(n, 3, gh, gw, 8, torch.float32)
+    num = gh * gw
+    if case == "one":
+        mask = torch.zeros(n, num)
+        mask[1, 7] = 1
+    elif case == "all_but_one":
+        mask = torch.ones(n, num)
+        mask[0, 5] = 0
+    elif case == "none":
+        mask = None
+    elif case == "fractional":
+        mask = torch.rand(n, num) * (torch.rand(n, num) > 0.3)
+    elif case == "bool":
+        mask = random_mask(n, num).bool()
+    else:
+        mask = torch.ones(n, num)
+    check_against_eager(pred, imgs, mask, 8, norm, name=case)
+
+
+def test_constant_patches_stay_finite_with_norm_pix():
+    torch.manual_seed(4)
+    p, c = 8, 3
+    pred, imgs = make(2, c, 2, 3, p, torch.float32)
+    imgs[0, :, :p, :p] = 0.5  # patch 0 of sample 0: variance 0
+    imgs[1, :, p:, 2 * p :] = -2.0  # patch 5 of sample 1
+    mask = torch.ones(2, 6)
+    loss, grad = check_against_eager(pred, imgs, mask, p, True, name="constant")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_non_contiguous_inputs():
+    torch.manual_seed(5)
+    p, c = 14, 3
+    full = torch.randn(2, 1 + 6, p * p * c)  # [N, 1+L, D], as the decoder's output before dropping cls
+    pred = full[:, 1:, :]
+    imgs = make(2, c, 2, 3, p, torch.float32)[1].contiguous(memory_format=torch.channels_last)
+    assert not pred.is_contiguous() and not imgs.is_contiguous()
+    check_against_eager(pred, imgs, random_mask(2, 6), p, True, name="strided")
+
+
+def test_unscored_rows_are_never_read():
+    torch.manual_seed(6)
+    pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0]])
+    clean = masked_mse_loss(pred, imgs, mask, 8, True)
+    pred[mask == 0] = float("nan")
+    imgs[0, :, :8, 8:] = float("nan")  # patch 1 of sample 0, unscored
+    assert torch.equal(masked_mse_loss(pred, imgs, mask, 8, True), clean)
+
+
+def test_all_zero_mask_raises():
+    pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="mask sums to zero"):
+        masked_mse_loss(pred, imgs, torch.zeros(2, 4), 8, False)
+    with pytest.raises(ValueError, match="mask sums to zero"):
+        masked_mse_loss(pred, imgs, torch.tensor([[1.0, -1, 0, 0], [0, 0, 0, 0]]), 8, False)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_deterministic(norm):
+    torch.manual_seed(7)
+    pred, imgs = make(3, 3, 3, 3, 16, torch.float16)
+    mask = random_mask(3, 9)
+    a = kernel_run(masked_mse_loss, pred, imgs, mask, 16, norm, 5.0)
+    b = kernel_run(masked_mse_loss, pred, imgs, mask, 16, norm, 5.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("p,c", [(8, 3), (14, 1)])
+def test_rows_entry_point_equals_full_loss(p, c, norm):
+    """pred for the masked patches only (raster order) gives the loss of the full pred with the 0/1 mask."""
+    torch.manual_seed(8)
+    n, num = 2, 12
+    full, imgs = make(n, c, 3, 4, p, torch.float32)
+    mask = random_mask(n, num)
+    ids = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : int(mask[0].sum())]  # [N, M]
+    rows = torch.gather(full, 1, ids.unsqueeze(-1).expand(-1, -1, full.shape[-1]))  # [N, M, D]
+    gscale = full.shape[-1] * float(mask.sum()) / 2
+    loss, grad = kernel_run(
+        lambda pr, im, i, pp, nn: masked_mse_loss_rows(pr, im, i, pp, nn), rows, imgs, ids, p, norm, gscale
+    )
+    ref_hi = eager_run(full, imgs, mask.double(), p, norm, gscale, torch.float64)
+    ref_lo = eager_run(full, imgs, mask, p, norm, gscale, torch.float32)
+    pick = lambda g: torch.gather(g, 1, ids.unsqueeze(-1).expand(-1, -1, g.shape[-1]))  # [N, M, D]
+    assert_within_eager_error(loss, ref_hi[0], ref_lo[0], torch.float32, "rows loss")
+    assert_within_eager_error(grad, pick(ref_hi[1]), pick(ref_lo[1]), torch.float32, "rows dpred")
+
+
+def test_rows_entry_point_bad_ids():
+    pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
+    rows = pred[:, :3]
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 4\)"):
+        masked_mse_loss_rows(rows, imgs, torch.tensor([[0, 1, 4], [0, 1, 2]]), 8)
+    with pytest.raises(TypeError, match="ids must be an int64"):
+        masked_mse_loss_rows(rows, imgs, torch.zeros(2, 3, dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="ids must have shape"):
+        masked_mse_loss_rows(rows, imgs, torch.zeros(2, 2, dtype=torch.int64), 8)
+
+
+def bad_cases():
+    pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
+    mask = torch.ones(2, 4)
+    return [
+        ((pred.double(), imgs, mask, 8), TypeError, "pred must be float32"),
+        ((pred, imgs.int(), mask, 8), TypeError, "imgs must be float32"),
+        ((pred, imgs, mask, 8.0), TypeError, "patch_size must be a positive int"),
+        ((pred, imgs, mask, 0), TypeError, "patch_size must be a positive int"),
+        ((pred, imgs, mask, 8, 1), TypeError, "norm_pix_loss must be a bool"),
+        ((pred[0], imgs, mask, 8), ValueError, "pred must be 3-D"),
+        ((pred, imgs[0], mask, 8), ValueError, "imgs must be 4-D"),
+        ((pred, imgs, mask, 7), ValueError, "multiples of patch_size"),
+        ((pred[:1], imgs, mask, 8), ValueError, "pred has batch 1, imgs has 2"),
+        ((pred[..., :100], imgs, mask, 8), ValueError, r"pred's last dim must be patch_size²·C = 8²·3 = 192"),
+        ((pred[:, :3], imgs, mask, 8), ValueError, "pred has 3 patches but imgs holds 2x2"),
+        ((pred, imgs, mask[:, :3], 8), ValueError, r"mask must have shape \[N, L\] = \[2, 4\]"),
+        ((pred, imgs, mask.tolist(), 8), TypeError, "mask must be a torch.Tensor"),
+        ((pred, imgs, mask.requires_grad_(), 8), ValueError, "mask requires grad"),
+        ((pred, imgs.clone().requires_grad_(), torch.ones(2, 4), 8), ValueError, "imgs requires grad"),
+        ((pred[..., :1], imgs[:, :1, :2, :2], torch.ones(2, 1), 1, True), ValueError, "at least 2 values"),
+    ]
+
+
+@pytest.mark.parametrize("args,exc,match", bad_cases())
+def test_bad_inputs(args, exc, match):
+    with pytest.raises(exc, match=match):
+        masked_mse_loss(*args)
+
+
+def test_imgs_requiring_grad_is_fine_without_grad_mode():
+    pred, imgs = make(1, 1, 1, 2, 8, torch.float32)
+    with torch.no_grad():
+        out = masked_mse_loss(pred, imgs.requires_grad_(), None, 8)
+    torch.testing.assert_close(out, reference.masked_mse_loss(pred, imgs.detach(), None, 8))
+
+
+def compile_specs():
+    """Every tile config reachable for p in {8, 14, 16}, C in {1, 3}, in fp16/bf16/fp32, and every flag."""
+    ints = ["total_rows", "num_programs", "R", "L", "GW", "s_pn", "s_pr", "s_pd", "s_in", "s_ic", "s_ih", "s_iw"]
+
+    def spec(kernel, pred_t, img_t, p, c, norm=True, has_mask=True, has_ids=False):
+        block_r, block_d, warps = _tile(p * p * c)
+        sig = {"PRED": pred_t, "IMGS": img_t, "MASK": "*fp32", "IDS": "*i64"}
+        if kernel == "_mse_fwd":
+            sig.update({"PART": "*fp32", **{k: "i32" for k in ints}})
+        else:
+            sig.update({"GRAD": "*fp32", "WSUM": "*fp32", "DPRED": pred_t})
+            sig.update({k: "i32" for k in ints if k != "num_programs"})
+        cx = dict(P=p, C=c, NORM=norm, HAS_MASK=has_mask, HAS_IDS=has_ids, BLOCK_R=block_r, BLOCK_D=block_d)
+        sig.update({k: "constexpr" for k in cx})
+        return KernelSpec(MOD, kernel, sig, cx, num_warps=warps)
+
+    specs = []
+    for kernel in ("_mse_fwd", "_mse_bwd"):
+        for p, c in PC:
+            specs.append(spec(kernel, "*bf16", "*fp32", p, c))
+        for p, c in [(8, 1), (8, 3), (16, 3)]:  # one per tile config
+            specs += [spec(kernel, "*fp16", "*fp16", p, c), spec(kernel, "*fp32", "*fp32", p, c, norm=False)]
+            specs.append(spec(kernel, "*bf16", "*bf16", p, c, has_mask=False, has_ids=True))
+    reduce_sig = {"PART": "*fp32", "LOSS": "*fp32", "WSUM": "*fp32", "num_programs": "i32", "BLOCK": "constexpr"}
+    specs.append(KernelSpec(MOD, "_mse_reduce", reduce_sig, {"BLOCK": 1024}))
+    return specs
+
+
+def test_tile_configs_are_the_compiled_ones():
+    assert {_tile(p * p * c) for p, c in PC} == {(16, 64, 4), (16, 256, 8), (4, 1024, 8)}
+
+
+def test_compiles_for_sm80_sm90():
+    assert_compiles(compile_specs())
+
+
+VIT_SHAPES = {"vit_b": (16, 3, 14), "vit_l": (16, 3, 14), "vit_h": (14, 3, 16)}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("model", list(VIT_SHAPES))
+def test_cuda_vit_shapes_bf16_twice(model, norm):
+    p, c, grid = VIT_SHAPES[model]
+    torch.manual_seed(0)
+    pred, imgs = make(8, c, grid, grid, p, torch.bfloat16, "cuda", img_dtype=torch.float32)
+    mask = random_masking(8, grid * grid, 0.75, "cuda").mask
+    first = check_against_eager(pred, imgs, mask, p, norm, name=model)
+    second = check_against_eager(pred, imgs, mask, p, norm, name=model)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.cuda
+def test_cuda_fp16_and_fp32_all_configs():
+    for dtype in (torch.float16, torch.float32):
+        for p, c in PC:
+            pred, imgs = make(3, c, 5, 7, p, dtype, "cuda")
+            check_against_eager(pred, imgs, random_masking(3, 35, 0.75, "cuda").mask, p, True, name=f"{dtype}")
+
+
+@pytest.mark.cuda
+def test_cuda_all_zero_mask_raises_late():
+    pred, imgs = make(2, 3, 2, 2, 8, torch.float32, "cuda")
+    loss = masked_mse_loss(pred, imgs, torch.zeros(2, 4, device="cuda"), 8, False)
+    assert torch.isnan(loss)
+    with pytest.raises(ValueError, match="mask sums to zero"):
+        check_mask_errors()
+    check_mask_errors()  # reported once
