@@ -162,35 +162,71 @@ class MAE(nn.Module):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Predict every patch's pixels: ``[N, 1+K, D]`` → ``[N, L, p²·C]``."""
+    def forward_decoder(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, masked_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict every patch's pixels: ``[N, 1+K, D]`` → ``[N, L, p²·C]``.
+
+        With ``masked_ids`` (``[N, M]`` int64 patch indices) only those patches get the final norm and
+        ``decoder_pred``: the result is ``[N, M, p²·C]``, row m predicting patch ``masked_ids[n, m]``.
+        """
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
         x = ops.decoder_assemble(self.impl, x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
+        if masked_ids is not None:
+            x = torch.gather(x[:, 1:, :], 1, masked_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, M, Dd]
+            return self.decoder_pred(self.decoder_norm(x))  # [N, M, p²C]
         x = self.decoder_pred(self.decoder_norm(x))  # [N, 1+L, p²C]
         return x[:, 1:, :]  # [N, L, p²C]
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The MSE on masked patches against (optionally per-patch normalized) pixels."""
-        return ops.masked_mse_loss(self.impl, pred, imgs, mask, self.patch_size, self.norm_pix_loss)
+    def forward_loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, masked_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The MSE on masked patches against (optionally per-patch normalized) pixels.
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        With ``masked_ids`` (``[N, M]``, the masked patches of the 0/1 ``mask``), ``pred`` is ``[N, M, p²·C]``
+        holding those patches only (see :meth:`forward_decoder`); the loss is the same.
+        """
+        if masked_ids is None:
+            return ops.masked_mse_loss(self.impl, pred, imgs, mask, self.patch_size, self.norm_pix_loss)
+        if ops.use_triton(self.impl, "masked_mse", pred):
+            from .kernels.masked_mse import masked_mse_loss_rows
+
+            return masked_mse_loss_rows(pred, imgs, masked_ids, self.patch_size, self.norm_pix_loss)
+        index = masked_ids.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # [N, M, p²C]
+        full = pred.new_zeros(pred.shape[0], self.num_patches, pred.shape[-1]).scatter(1, index, pred)  # [N, L, p²C]
+        return ops.masked_mse_loss(self.impl, full, imgs, mask, self.patch_size, self.norm_pix_loss)
+
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float = 0.75,
+        noise: torch.Tensor | None = None,
+        pred_masked_only: bool = False,
+    ):
         """Mask, encode, decode and score.
 
         Args:
             imgs: ``[N, C, H, W]``.
             mask_ratio: fraction of patches removed, in (0, 1): at least one patch kept and one masked.
             noise: optional ``[N, L]`` noise fixing the mask.
+            pred_masked_only: predict the masked patches only (the loss needs no other): less decoder_pred work
+                and memory, same loss and gradients. ``pred`` is then ``[N, M, p²·C]``, the masked patches in
+                raster order, so ``full[mask.bool()] = pred.flatten(0, 1)`` puts them in place.
 
         Returns:
-            ``(loss, pred [N, L, p²·C], mask [N, L])``.
+            ``(loss, pred [N, L, p²·C], mask [N, L])``; pred is ``[N, M, p²·C]`` with ``pred_masked_only``.
         """
-        if num_kept(self.num_patches, mask_ratio) == self.num_patches:
+        num_masked = self.num_patches - num_kept(self.num_patches, mask_ratio)
+        if num_masked == 0:
             raise ValueError(f"mask_ratio={mask_ratio} masks no patch out of {self.num_patches}; the loss needs one")
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
+        masked_ids = None
+        if pred_masked_only:
+            masked_ids = torch.argsort(mask, dim=1, descending=True, stable=True)[:, :num_masked]  # [N, M] ascending
+        pred = self.forward_decoder(latent, ids_restore, masked_ids)
+        loss = self.forward_loss(imgs, pred, mask, masked_ids)
         return loss, pred, mask
 
     def load_pretrained(self, checkpoint: str | Path | Mapping[str, torch.Tensor]) -> LoadResult:
