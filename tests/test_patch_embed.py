@@ -1,0 +1,374 @@
+"""The fused patchify + visible-patch gather + patch-embedding kernel against the eager op, forward and backward."""
+
+import inspect
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastmae.kernels import patch_embed as pe
+from fastmae.kernels._common import poison_outputs
+
+import fastmae
+from fastmae import ops, reference
+from tests.compile_harness import KernelSpec, assert_compiles
+from tests.tolerance import assert_within_eager_error
+
+GRAD_NAMES = ("imgs", "weight", "bias", "cls_token")
+
+
+def make_inputs(n, c, h, w, p, d, k, dtype, *, dup=False, pos_dtype=None, seed=0, device="cpu"):
+    """Fresh random inputs of the op (plus an upstream gradient); ids_keep is a per-sample random choice."""
+    g = torch.Generator().manual_seed(seed)
+    num_patches = (h // p) * (w // p)
+    if dup:
+        ids = torch.randint(0, num_patches, (n, k), generator=g)
+    else:
+        ids = torch.stack([torch.randperm(num_patches, generator=g)[:k] for _ in range(n)])  # [N, K]
+    pos_dtype = pos_dtype or dtype
+    inputs = dict(
+        imgs=torch.randn(n, c, h, w, generator=g).to(dtype),
+        ids_keep=ids,
+        weight=(torch.randn(d, c, p, p, generator=g) * (c * p * p) ** -0.5).to(dtype),
+        bias=torch.randn(d, generator=g).to(dtype),
+        pos_embed=torch.randn(1, 1 + num_patches, d, generator=g).to(pos_dtype),
+        cls_token=torch.randn(1, 1, d, generator=g).to(dtype),
+    )
+    dout = torch.randn(n, 1 + k, d, generator=g)
+    return {key: v.to(device) for key, v in inputs.items()}, dout.to(device)
+
+
+def run(fn, inputs, dout, cast=None, grads=GRAD_NAMES):
+    """fn's output and the gradients of ``grads`` for upstream gradient dout (inputs optionally cast first)."""
+    args = {}
+    for key, v in inputs.items():
+        v = v.detach()
+        if cast is not None and v.is_floating_point():
+            v = v.to(cast)
+        args[key] = v.requires_grad_(key in grads)
+    out = fn(**args)
+    got = torch.autograd.grad(out, [args[key] for key in grads], dout.to(out.dtype))
+    return out, dict(zip(grads, got))
+
+
+def check_against_eager(inputs, dout, dtype, grads=GRAD_NAMES):
+    with poison_outputs():
+        out, got = run(pe.patch_embed_visible, inputs, dout, grads=grads)
+    ref_hi, want_hi = run(reference.patch_embed_visible, inputs, dout, cast=torch.float64, grads=grads)
+    ref_lo, want_lo = run(reference.patch_embed_visible, inputs, dout, grads=grads)
+    assert out.dtype == ref_lo.dtype
+    assert_within_eager_error(out, ref_hi, ref_lo, dtype, "out")
+    for key in grads:
+        assert got[key].dtype == inputs[key].dtype, key
+        assert_within_eager_error(got[key], want_hi[key], want_lo[key], dtype, f"d{key}")
+    return out, got
+
+
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    """16-wide tiles and at most one row tile per dW split, so small shapes span many tiles and splits."""
+    monkeypatch.setitem(pe.CONFIGS, "small", (16, 16, 16, 1, 1))
+    monkeypatch.setattr(pe, "DW_MIN_TILES_PER_SPLIT", 1)
+
+
+CASES = {
+    # name: (N, C, H, W, p, D, K, dtype, dup)
+    "fp32-rect-grid": (2, 3, 32, 24, 8, 40, 5, torch.float32, False),
+    "fp16-rect-grid": (2, 3, 32, 24, 8, 40, 5, torch.float16, False),
+    "fp32-p14-C1-N1-K1": (1, 1, 28, 28, 14, 24, 1, torch.float32, False),
+    "fp16-p14-C3-K=L": (2, 3, 28, 42, 14, 24, 6, torch.float16, False),
+    "fp32-p16-K=L": (3, 3, 32, 32, 16, 40, 4, torch.float32, False),
+    "fp32-duplicate-ids": (2, 1, 16, 16, 8, 24, 6, torch.float32, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_eager_forward_and_gradients(case):
+    n, c, h, w, p, d, k, dtype, dup = CASES[case]
+    inputs, dout = make_inputs(n, c, h, w, p, d, k, dtype, dup=dup)
+    check_against_eager(inputs, dout, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_many_tiles_and_splits_deterministic(tiny_tiles, monkeypatch, dtype):
+    """Partial tiles on every axis, a 3-way split dW reduction, and bitwise-identical repeats."""
+    splits = []
+    real_split = pe._dw_split
+    monkeypatch.setattr(pe, "_dw_split", lambda *a: splits.append(real_split(*a)) or splits[-1])
+    inputs, dout = make_inputs(4, 3, 32, 32, 8, 40, 12, dtype, seed=1)
+    out, got = check_against_eager(inputs, dout, dtype)
+    assert splits[0] == (3, 16), splits  # 48 kept rows in 3 splits of one 16-row tile each
+    with poison_outputs():
+        out_b, got_b = run(pe.patch_embed_visible, inputs, dout)
+    assert torch.equal(out, out_b)
+    for key in GRAD_NAMES:
+        assert torch.equal(got[key], got_b[key]), key
+
+
+def test_gradients_only_for_what_requires_grad():
+    inputs, dout = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=2)
+    check_against_eager(inputs, dout, torch.float32, grads=("weight",))
+    check_against_eager(inputs, dout, torch.float32, grads=("imgs",))
+    check_against_eager(inputs, dout, torch.float32, grads=("bias", "cls_token"))
+
+
+def test_strided_and_channels_last_inputs():
+    inputs, dout = make_inputs(2, 3, 32, 24, 8, 24, 5, torch.float32, seed=4)
+    big = torch.randn(2, 5, 40, 50)
+    strided = big[:, 1:4, 3:35, 1:49:2]  # [2, 3, 32, 24], no dimension contiguous but C's
+    strided.copy_(inputs["imgs"])
+    ids_t = inputs["ids_keep"].t().contiguous().t()  # [N, K] column-major
+    variants = {
+        "channels_last": dict(imgs=inputs["imgs"].contiguous(memory_format=torch.channels_last)),
+        "strided": dict(imgs=strided),
+        "ids_and_weight": dict(ids_keep=ids_t, weight=inputs["weight"].contiguous(memory_format=torch.channels_last)),
+    }
+    _, base = check_against_eager(inputs, dout, torch.float32)
+    for name, change in variants.items():
+        case = {**inputs, **change}
+        assert not all(v.is_contiguous() for v in change.values()), name
+        _, got = check_against_eager(case, dout.transpose(0, 1).contiguous().transpose(0, 1), torch.float32)
+        for key in GRAD_NAMES:
+            torch.testing.assert_close(got[key], base[key], rtol=1e-5, atol=1e-6, msg=f"{name} d{key}")
+    inputs_cl = {**inputs, "imgs": variants["channels_last"]["imgs"]}
+    with poison_outputs():
+        _, got = run(pe.patch_embed_visible, inputs_cl, dout)
+    assert got["imgs"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_half_params_with_fp32_positions_promote_like_eager():
+    inputs, dout = make_inputs(2, 3, 16, 24, 8, 24, 4, torch.float16, pos_dtype=torch.float32, seed=5)
+    inputs["cls_token"] = inputs["cls_token"].float()
+    out, _ = check_against_eager(inputs, dout, torch.float16)
+    assert out.dtype == torch.float32
+
+
+def test_autocast_follows_the_eager_op():
+    """Under autocast the GEMM runs in the autocast dtype and the output takes the eager op's dtype."""
+    inputs, dout = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=6)
+    with torch.autocast("cpu", dtype=torch.float16):
+        with poison_outputs():
+            out, got = run(pe.patch_embed_visible, inputs, dout)
+        ref_lo, want_lo = run(reference.patch_embed_visible, inputs, dout)
+    ref_hi, want_hi = run(reference.patch_embed_visible, inputs, dout, cast=torch.float64)
+    assert out.dtype == ref_lo.dtype == torch.float32
+    assert_within_eager_error(out, ref_hi, ref_lo, torch.float16, "out")
+    plain = pe.patch_embed_visible(**inputs)
+    assert (out - plain).abs().max() > 0, "the GEMM did not run in float16 under autocast"
+    for key in GRAD_NAMES:
+        assert got[key].dtype == torch.float32
+        assert_within_eager_error(got[key], want_hi[key], want_lo[key], torch.float16, f"d{key}")
+
+
+def test_pos_embed_gradient_is_refused_but_no_grad_works():
+    inputs, _ = make_inputs(1, 3, 16, 16, 8, 24, 2, torch.float32, seed=7)
+    pos = inputs["pos_embed"].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="pos_embed requires grad"):
+        pe.patch_embed_visible(**{**inputs, "pos_embed": pos})
+    with torch.no_grad():
+        out = pe.patch_embed_visible(**{**inputs, "pos_embed": pos})
+    torch.testing.assert_close(out, reference.patch_embed_visible(**inputs))
+
+
+def _bad_inputs():
+    inputs, _ = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=8)
+    cases = {
+        "imgs not a tensor": ({"imgs": inputs["imgs"].tolist()}, TypeError, "imgs must be a torch.Tensor"),
+        "imgs int": ({"imgs": inputs["imgs"].long()}, TypeError, "imgs must be float32"),
+        "imgs 3-D": ({"imgs": inputs["imgs"][0]}, ValueError, "imgs must be 4-D"),
+        "ids float": ({"ids_keep": inputs["ids_keep"].float()}, TypeError, "ids_keep must be int64"),
+        "ids int32": ({"ids_keep": inputs["ids_keep"].int()}, TypeError, "ids_keep must be int64"),
+        "ids 1-D": ({"ids_keep": inputs["ids_keep"][0]}, ValueError, "ids_keep must be"),
+        "ids batch": ({"ids_keep": inputs["ids_keep"][:1]}, ValueError, "ids_keep must be"),
+        "ids too big": ({"ids_keep": inputs["ids_keep"].clone().fill_(4)}, ValueError, r"\[0, L=4\)"),
+        "ids negative": ({"ids_keep": inputs["ids_keep"] - 1}, ValueError, r"\[0, L=4\)"),
+        "weight not square": ({"weight": inputs["weight"][..., :4]}, ValueError, "weight must be"),
+        "weight channels": ({"weight": inputs["weight"][:, :2]}, ValueError, "input channels"),
+        "image size": ({"imgs": inputs["imgs"][..., :12]}, ValueError, "multiples of the patch size"),
+        "bias shape": ({"bias": inputs["bias"][:5]}, ValueError, "bias must be"),
+        "pos shape": ({"pos_embed": inputs["pos_embed"][:, 1:]}, ValueError, "pos_embed must be"),
+        "cls shape": ({"cls_token": inputs["cls_token"][0]}, ValueError, "cls_token must be"),
+        "weight dtype": ({"weight": inputs["weight"].half()}, TypeError, "share one dtype"),
+        "bias dtype": ({"bias": inputs["bias"].double()}, TypeError, "bias must be float32"),
+        "device": ({"ids_keep": inputs["ids_keep"].to("meta")}, ValueError, "one device"),
+    }
+    return inputs, cases
+
+
+BAD_INPUTS, BAD_CASES = _bad_inputs()
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_inputs_raise_clear_errors(case):
+    change, exc, match = BAD_CASES[case]
+    with pytest.raises(exc, match=match):
+        pe.patch_embed_visible(**{**BAD_INPUTS, **change})
+
+
+def test_mae_triton_matches_eager(monkeypatch):
+    """MAE(impl="triton") with only this kernel enabled, against the eager model with the same weights and noise."""
+    calls = []
+
+    def kernel(*args):
+        calls.append(1)
+        return pe.patch_embed_visible(*args)
+
+    monkeypatch.setattr(ops, "triton_kernel", lambda op: kernel if op == "patch_embed" else None)
+    torch.manual_seed(0)
+    model = fastmae.mae_vit_nano_patch8(impl="triton")
+    imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 64)
+    results = {}
+    for name, impl, dtype in (("triton", "triton", torch.float32), ("lo", "eager", torch.float32)) + (
+        ("hi", "eager", torch.float64),
+    ):
+        model.impl = impl
+        model.to(dtype).zero_grad(set_to_none=True)
+        loss, _, mask = model(imgs.to(dtype), noise=noise)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results[name] = (loss.detach(), mask, grads)
+    assert len(calls) == 1
+    (loss, mask, grads), (loss_lo, mask_lo, grads_lo), (loss_hi, _, grads_hi) = (
+        results["triton"],
+        results["lo"],
+        results["hi"],
+    )
+    assert torch.equal(mask, mask_lo)
+    assert_within_eager_error(loss, loss_hi, loss_lo, torch.float32, "loss")
+    assert grads.keys() == grads_lo.keys() and "patch_embed.proj.weight" in grads
+    for key in grads:
+        assert_within_eager_error(grads[key], grads_hi[key], grads_lo[key], torch.float32, key)
+
+
+def _signature(kernel: str, pointers: dict) -> dict:
+    """The harness signature of ``kernel``: ``pointers`` gives the pointer types, constexprs as such, ints i32."""
+    fn = getattr(pe, kernel)
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    sig = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if "constexpr" in str(param.annotation):
+            sig[name] = "constexpr"
+        else:
+            sig[name] = pointers.get(name, "i32")
+    return sig
+
+
+def _specs():
+    """Every GEMM kernel at every tile config in fp16 and bf16 ("large32", the fp32-storage config, as the autocast
+    form: fp32 tensors, bf16 GEMM; and as plain fp32 with TF32), and the reduction in fp16 and bf16."""
+    variants = [  # (config, storage dtype, compute dtype code, patch size)
+        ("small", "fp16", 1, 8),
+        ("small", "bf16", 2, 14),
+        ("large16", "fp16", 1, 16),
+        ("large16", "bf16", 2, 14),
+        ("large32", "fp32", 2, 16),
+        ("large32", "fp32", 0, 14),
+    ]
+    specs = []
+    for cfg, ty, ct, p in variants:
+        b_rows, b_cols, b_red, warps, stages = pe.CONFIGS[cfg]
+        t = "*" + ty
+        common = dict(P=p, CT=ct, ALLOW_TF32=True)
+        fwd = {"IMG": t, "IDS": "*i64", "W": t, "B": t, "POS": t, "CLS": t, "OUT": t}
+        dw = {"IMG": t, "IDS": "*i64", "G": t, "WS": "*fp32"}
+        dimg = {"G": t, "W": t, "START": "*i64", "CNT": "*i64", "PERM": "*i64", "DIMG": t}
+        tiles = [
+            ("_fwd_kernel", fwd, dict(BLOCK_M=b_rows, BLOCK_N=b_cols, BLOCK_K=b_red)),
+            ("_bwd_dw_kernel", dw, dict(BLOCK_D=b_rows, BLOCK_R=b_cols, BLOCK_M=b_red)),
+            ("_bwd_dimg_kernel", dimg, dict(BLOCK_M=b_rows, BLOCK_R=b_cols, BLOCK_D=b_red)),
+        ]
+        for kernel, ptrs, blocks in tiles:
+            specs.append(
+                KernelSpec(
+                    "fastmae.kernels.patch_embed",
+                    kernel,
+                    _signature(kernel, ptrs),
+                    {**common, **blocks},
+                    num_warps=warps,
+                    num_stages=stages,
+                    label=f"{kernel}[{cfg},{ty},CT={ct},P={p}]",
+                )
+            )
+    for ty in ("fp16", "bf16"):
+        t = "*" + ty
+        ptrs = {"WS": "*fp32", "G": t, "DW": t, "DB": t, "DCLS": t}
+        specs.append(
+            KernelSpec(
+                "fastmae.kernels.patch_embed",
+                "_bwd_reduce_kernel",
+                _signature("_bwd_reduce_kernel", ptrs),
+                {"BLOCK": pe.REDUCE_BLOCK},
+                num_warps=4,
+                label=f"_bwd_reduce_kernel[{ty}]",
+            )
+        )
+    return specs
+
+
+def test_every_kernel_and_config_compiles_for_sm80_and_sm90():
+    specs = _specs()
+    with ThreadPoolExecutor(2) as pool:  # two compiler processes
+        halves = pool.map(assert_compiles, [specs[::2], specs[1::2]])
+    results = [r for half in halves for r in half]
+    assert len(results) == 2 * len(specs)
+    gemms = [r for r in results if "reduce" not in r["name"]]
+    assert all(r["mma"] for r in gemms), [r["name"] for r in gemms if not r["mma"]]
+
+
+# ---- GPU-only: real ViT shapes, bf16 dots, races, autocast and torch.compile ----
+
+VIT_SHAPES = {
+    # name: (C, img, p, D, K at mask 0.75)
+    "vit-b": (3, 224, 16, 768, 49),
+    "vit-l": (3, 224, 16, 1024, 49),
+    "vit-h": (3, 224, 14, 1280, 64),
+}
+ODD_SHAPES = {
+    "p8-C1-odd-D": (1, 64, 8, 392, 17),
+    "p14-K=L": (3, 112, 14, 520, 64),
+    "p16-K1": (3, 48, 16, 384, 1),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", list(VIT_SHAPES) + list(ODD_SHAPES))
+def test_cuda_shapes_match_eager_and_repeat_bitwise(shape, dtype):
+    c, img, p, d, k = {**VIT_SHAPES, **ODD_SHAPES}[shape]
+    inputs, dout = make_inputs(8, c, img, img, p, d, k, dtype, seed=10, device="cuda")
+    out, got = check_against_eager(inputs, dout, dtype)
+    with poison_outputs():
+        out_b, got_b = run(pe.patch_embed_visible, inputs, dout)
+    assert torch.equal(out, out_b)
+    for key in GRAD_NAMES:
+        assert torch.equal(got[key], got_b[key]), key
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_dtype_and_values(amp_dtype):
+    inputs, dout = make_inputs(8, 3, 224, 224, 16, 1024, 49, torch.float32, seed=11, device="cuda")
+    with torch.autocast("cuda", dtype=amp_dtype):
+        with poison_outputs():
+            out, got = run(pe.patch_embed_visible, inputs, dout)
+        ref_lo, want_lo = run(reference.patch_embed_visible, inputs, dout)
+    ref_hi, want_hi = run(reference.patch_embed_visible, inputs, dout, cast=torch.float64)
+    assert out.dtype == ref_lo.dtype
+    assert_within_eager_error(out, ref_hi, ref_lo, amp_dtype, "out")
+    for key in GRAD_NAMES:
+        assert got[key].dtype == torch.float32
+        assert_within_eager_error(got[key], want_hi[key], want_lo[key], amp_dtype, f"d{key}")
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile_around_the_op():
+    inputs, dout = make_inputs(8, 3, 224, 224, 16, 768, 49, torch.bfloat16, seed=12, device="cuda")
+
+    def f(**kw):
+        return pe.patch_embed_visible(**kw) * 2
+
+    out, got = run(torch.compile(f), inputs, dout)
+    ref, want = run(f, inputs, dout)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for key in GRAD_NAMES:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
