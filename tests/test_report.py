@@ -1,0 +1,231 @@
+"""The benchmark report's CPU dry run (tiny sizes, Triton kernels under the interpreter) and its arithmetic.
+
+The dry run's times mean nothing; what is tested is that every section runs end to end, that the JSON and the
+markdown have the documented structure, that correctness checks compare real numbers (a deliberately wrong
+provider is flagged, in the forward or in a gradient), and that targets and time guards are computed honestly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benches import common, providers, report, reporting
+from fastmae import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = common.TINY_MODELS["tiny"]
+CPU = torch.device("cpu")
+STATUSES = {"ok", "error", "skipped", "unavailable"}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """``python benches/report.py --dry-run`` in a subprocess, as a user would run it."""
+    out = tmp_path_factory.mktemp("report")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, str(ROOT / "benches" / "report.py"), "--dry-run", "--device", "cpu"]
+    cmd += ["--json", str(out / "report.json"), "--markdown", str(out / "report.md")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "report.json").read_text()), proc.stdout, (out / "report.md").read_text()
+
+
+def present_kernels() -> list[str]:
+    return [op for op in common.OPS if ops.triton_kernel(op) is not None]
+
+
+def test_json_structure(dry_run):
+    rep, _, _ = dry_run
+    assert rep["dry_run"] is True
+    for key in ("date", "card", "torch", "triton", "cuda"):
+        assert key in rep["env"]
+    assert rep["ceilings"]["status"] == "ok"
+    assert rep["ceilings"]["copy_gbps"] > 0 and rep["ceilings"]["matmul_tflops"] > 0
+    assert set(rep["sections"]) == set(report.SECTIONS)
+    for info in rep["sections"].values():
+        assert info["used_s"] >= 0 and info["budget_s"] > 0
+    assert rep["kernels"] == {op: (ops.KERNELS[op][0] if op in present_kernels() else None) for op in common.OPS}
+
+
+def test_every_provider_has_rows(dry_run):
+    rep, _, _ = dry_run
+    rows = rep["results"]
+    assert all(r["status"] in STATUSES for r in rows)
+    for op in common.OPS:
+        stages = len(common.STAGES) if op == "attention" else 1
+        for provider in common.OP_PROVIDERS[op]:
+            mine = [r for r in rows if r["section"] == op and r["provider"] == provider]
+            assert sorted(r["mode"] for r in mine) == sorted(common.MODES * stages), (op, provider)
+            for r in mine:
+                if provider == "eager" or provider in ("sdpa_flash", "sdpa_math"):
+                    assert r["status"] == "ok", r
+                if provider == "triton":
+                    assert r["status"] == ("ok" if op in present_kernels() else "unavailable"), r
+                if provider == "compile":
+                    assert r["status"] == "unavailable" and "CUDA only" in r["reason"]
+                if r["status"] == "ok":
+                    assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_ceiling"] > 0
+                    assert (r["tflops"] is not None) == (op in ("patch_embed", "attention"))
+                    assert r["speedup_vs_eager"] > 0
+    steps = {r["provider"]: r for r in rows if r["section"] == "step"}
+    assert set(steps) == set(common.STEP_PROVIDERS)
+    for name in ("eager", "triton"):
+        assert steps[name]["status"] == "ok"
+        assert steps[name]["images_per_s"] > 0 and 0 < steps[name]["mfu"] == steps[name]["pct_matmul"]
+    assert steps["triton"]["kernels"] == present_kernels()
+
+
+def test_checks_compare_numbers(dry_run):
+    rep, _, _ = dry_run
+    checked = {c["op"]: c for c in rep["checks"]}
+    for op in common.OPS:
+        entries = [c for c in rep["checks"] if c["op"] == op]
+        assert entries
+        for c in entries:
+            if op not in present_kernels():
+                assert c["status"] == "unavailable"
+                continue
+            assert c["status"] == "ok", c
+            for t in c["tensors"]:
+                assert t["ok"] and 0 <= t["err"] <= t["bound"] and t["eager_err"] >= 0
+    assert checked["model"]["status"] == "ok"
+    assert {t["tensor"] for t in checked["model"]["tensors"]} >= {"loss", "pred", "mask_token"}
+
+
+def test_markdown_ends_with_targets(dry_run):
+    rep, stdout, md = dry_run
+    assert stdout.rstrip().endswith(md.rstrip())
+    assert "DRY RUN" in md
+    sections = [line for line in md.splitlines() if line.startswith("### ")]
+    assert sections[-1].startswith("### Targets") and "### step" in sections
+    lines = md.rstrip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("### Targets"))
+    table = [line for line in lines[start + 1 :] if line.strip()]
+    assert table[0].startswith("| target |") and all(line.startswith("|") for line in table)
+    assert len(table) - 2 == len(rep["targets"]) >= len(common.TARGETS)
+    assert all(t["status"].startswith("dry run: ") for t in rep["targets"])
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.01
+
+
+@pytest.mark.parametrize("op", common.OPS)
+def test_wrong_provider_is_flagged(op):
+    ref = providers.REFERENCE[op]
+    case = providers.make_case(op, TINY, CPU, torch.float32)
+    assert providers.check_op(case, ref, torch.float32)["ok"]
+
+    wrong_fwd = providers.check_op(case, lambda *a: ref(*a) * 1.001, torch.float32)
+    assert not wrong_fwd["ok"] and not wrong_fwd["tensors"][0]["ok"]
+
+    def wrong_first_input_grad(*args):
+        i = case.grad_idx[0]
+        return ref(*args[:i], _ScaleGrad.apply(args[i]), *args[i + 1 :])
+
+    wrong_bwd = providers.check_op(case, wrong_first_input_grad, torch.float32)
+    assert wrong_bwd["tensors"][0]["ok"] and not wrong_bwd["tensors"][1]["ok"] and not wrong_bwd["ok"]
+
+
+def test_report_exits_1_when_a_kernel_is_wrong(tmp_path, monkeypatch, capsys):
+    def wrong(op, device):
+        return lambda *a: providers.REFERENCE[op](*a) + 0.01
+
+    monkeypatch.setattr(providers, "kernel_or_unavailable", wrong)
+    out = tmp_path / "r.json"
+    args = ["--dry-run", "--device", "cpu", "--json", str(out), "--sections", "checks,decoder_assembly"]
+    assert report.main(args) == 1
+    rep = json.loads(out.read_text())
+    assert {c["status"] for c in rep["checks"] if c["op"] != "model"} == {"FAIL"}
+    assert all(
+        t["status"].endswith("invalid (correctness check failed)")
+        for t in rep["targets"]
+        if t["section"] == "decoder_assembly"
+    )
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_time_budget_skips_rows_and_says_so(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["--dry-run", "--device", "cpu", "--json", str(out), "--budget-s", "0"]
+    assert report.main([*args, "--sections", "ceilings,checks,masked_mse,step"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["checks"] and rep["results"]
+    for entry in [*rep["checks"], *rep["results"]]:
+        assert entry["status"] == "skipped" and entry["reason"].startswith("time budget")
+    assert all(t["status"] == "dry run: not measured" for t in rep["targets"] if t["section"] in ("masked_mse", "step"))
+
+
+def _row(section, provider, ms, model="vit_b16", mode="fwd+bwd", **extra):
+    return {
+        "section": section,
+        "model": model,
+        "case": "c",
+        "mode": mode,
+        "provider": provider,
+        "status": "ok",
+        "ms": ms,
+        **extra,
+    }
+
+
+def test_speedups_and_targets_arithmetic():
+    rows = [
+        _row("patch_embed", "eager", 3.0),
+        _row("patch_embed", "compile", 0.9),
+        _row("patch_embed", "triton", 1.0),
+        _row("attention", "sdpa_flash", 1.2),
+        _row("attention", "sdpa_math", 5.0),
+        _row("attention", "triton", 1.0),
+        _row("masked_mse", "eager", 8.0),
+        _row("masked_mse", "triton", 1.0, pct_copy=0.8),
+        _row("step", "eager", 160.0, mode="step", peak_mib=1000.0),
+        _row("step", "compile", 130.0, mode="step", peak_mib=900.0),
+        _row("step", "triton", 110.0, mode="step", peak_mib=800.0, mfu=0.40),
+        _row("step", "triton+compile", 100.0, mode="step", peak_mib=700.0, mfu=0.44),
+        {**_row("decoder_assembly", "triton", None), "status": "error", "reason": "boom"},
+    ]
+    reporting.add_speedups(rows)
+    assert rows[2]["speedup_vs_eager"] == pytest.approx(3.0)
+    assert rows[2]["speedup_vs_compile"] == pytest.approx(0.9)
+    assert rows[5]["best_sdpa"] == "sdpa_flash" and rows[5]["speedup_vs_best_sdpa"] == pytest.approx(1.2)
+    targets = reporting.evaluate_targets(rows, [], dry_run=False)
+    got = {(t["section"], t["metric"], t["model"]): t for t in targets}
+    assert got[("patch_embed", "speedup_vs_eager", "vit_b16")]["status"] == "met"
+    compile_t = got[("patch_embed", "speedup_vs_compile", "vit_b16")]
+    assert compile_t["status"] == "missed" and compile_t["margin"] == pytest.approx(-0.1)
+    assert got[("attention", "speedup_vs_best_sdpa", "vit_b16")]["status"] == "met"
+    assert got[("masked_mse", "pct_copy", "vit_b16")]["status"] == "met"
+    assert got[("decoder_assembly", "speedup_vs_eager", "vit_b16")]["status"] == "not measured"
+    step = got[("step", "speedup_vs_eager", "vit_b16")]
+    assert step["provider"] == "triton+compile" and step["value"] == pytest.approx(1.6) and step["status"] == "met"
+    assert got[("step", "speedup_vs_compile", "vit_b16")]["value"] == pytest.approx(1.3)
+    peak = got[("step", "peak_ratio", "vit_b16")]
+    assert peak["value"] == pytest.approx(0.7) and peak["status"] == "met"
+    mfu = got[("step", "mfu", "vit_b16")]
+    assert mfu["status"] == "missed" and mfu["margin"] == pytest.approx(0.44 / 0.45 - 1)
+    assert got[("step", "mfu", "vit_l16")]["status"] == "not measured"
+    invalid = reporting.evaluate_targets(rows, [{"op": "patch_embed", "status": "FAIL"}], dry_run=False)
+    assert {t["status"] for t in invalid if t["section"] == "patch_embed"} == {"invalid (correctness check failed)"}
+
+
+def test_step_flops_match_a_direct_count():
+    s = common.GPU_MODELS["vit_b16"]
+    flops = common.step_flops(s)
+    # ViT-B/16 MAE forward per image: about 19.4 GFLOP (encoder 8.6, decoder 10.6, embeddings and pred 0.25).
+    assert flops["forward"] / s.batch == pytest.approx(19.4e9, rel=0.02)
+    assert flops["step"] == pytest.approx(3 * flops["forward"] - s.batch * 2 * s.keep * s.patch_dim * s.dim)
+    assert common.attention_flops(256, 12, 50, 64, "fwd+bwd") == 3.5 * 4 * 256 * 12 * 50 * 50 * 64
