@@ -318,7 +318,7 @@ def _launch_args(pred, imgs, gw, patch_size, c, norm, has_mask, has_ids):
 
 
 def _forward(pred, imgs, weights, ids, patch_size, c, gw, norm):
-    """Launch the forward kernels; return (loss [] fp32, Σ w [1] fp32), two views of one buffer."""
+    """Launch the forward kernels; return (loss [1] fp32, Σ w [1] fp32)."""
     grid, ints, meta, warps = _launch_args(pred, imgs, gw, patch_size, c, norm, weights is not None, ids is not None)
     part = empty(2, grid, dtype=torch.float32, device=pred.device)  # [2, programs]
     total, rows, num_patches, gw_ = ints[:4]
@@ -326,9 +326,10 @@ def _forward(pred, imgs, weights, ids, patch_size, c, gw, norm):
         pred, imgs, pred if weights is None else weights, pred if ids is None else ids, part,
         total, grid, rows, num_patches, gw_, *ints[4:], **meta, num_warps=warps,
     )  # fmt: skip
-    stats = empty(2, dtype=torch.float32, device=pred.device)  # [loss, Σ w]
-    _mse_reduce[(1,)](part, stats, stats[1:], grid, BLOCK=REDUCE_BLOCK, num_warps=4)
-    return stats[0], stats[1:]
+    loss = empty(1, dtype=torch.float32, device=pred.device)
+    wsum = empty(1, dtype=torch.float32, device=pred.device)
+    _mse_reduce[(1,)](part, loss, wsum, grid, BLOCK=REDUCE_BLOCK, num_warps=4)
+    return loss, wsum
 
 
 def _backward(grad, pred, imgs, weights, ids, wsum, patch_size, c, gw, norm):
@@ -403,7 +404,7 @@ def masked_mse_loss(
         weights = mask.to(torch.float32).contiguous()  # [N, L]
     if pred.is_cuda and _pending:
         check_mask_errors(wait=False)
-    return _MaskedMSE.apply(pred, imgs, weights, None, patch_size, c, gw, norm_pix_loss)
+    return _MaskedMSE.apply(pred, imgs, weights, None, patch_size, c, gw, norm_pix_loss).view(())  # []
 
 
 def masked_mse_loss_rows(
@@ -436,4 +437,4 @@ def masked_mse_loss_rows(
     check_same_device(pred=pred, ids=ids)
     if not ids.is_cuda and ((ids < 0).any() or (ids >= gh * gw).any()):
         raise ValueError(f"ids must lie in [0, {gh * gw}) (the patches of a {gh}x{gw} grid)")
-    return _MaskedMSE.apply(pred, imgs, None, ids.contiguous(), patch_size, c, gw, norm_pix_loss)
+    return _MaskedMSE.apply(pred, imgs, None, ids.contiguous(), patch_size, c, gw, norm_pix_loss).view(())  # []

@@ -146,6 +146,22 @@ def test_unscored_rows_are_never_read():
     assert torch.equal(masked_mse_loss(pred, imgs, mask, 8, True), clean)
 
 
+def test_loss_can_be_scaled_in_place_like_the_original_training_loop():
+    torch.manual_seed(9)
+    pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
+    mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]])
+    pred_k, pred_r = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    loss = masked_mse_loss(pred_k, imgs, mask, 8, True)
+    ref = reference.masked_mse_loss(pred_r, imgs, mask, 8, True)
+    loss /= 4  # the original divides by accum_iter in place
+    ref /= 4
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(pred_k.grad, pred_r.grad)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the 0/0 it computes
 def test_all_zero_mask_raises():
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
     with pytest.raises(ValueError, match="mask sums to zero"):
