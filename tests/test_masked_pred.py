@@ -18,10 +18,11 @@ def pair(norm_pix):
     return fast, eager
 
 
-def run(model, imgs, noise, **kwargs):
-    """(loss, pred, mask, {param: grad}) of one forward/backward."""
+def run(model, imgs, noise, bf16_autocast=False, **kwargs):
+    """(loss, pred, mask, {param: grad}) of one forward (under CUDA bf16 autocast if asked) and backward."""
     model.zero_grad(set_to_none=True)
-    loss, pred, mask = model(imgs, 0.75, noise, **kwargs)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16_autocast):
+        loss, pred, mask = model(imgs, 0.75, noise, **kwargs)
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), pred.detach(), mask, grads
@@ -84,9 +85,8 @@ def test_cuda_base_model_bf16_autocast_matches_eager(pred_masked_only):
     eager = fastmae.mae_vit_base_patch16(impl="eager", norm_pix_loss=True).cuda()
     eager.load_state_dict(fast.state_dict())
     imgs, noise = torch.rand(8, 3, 224, 224, device="cuda"), torch.rand(8, 196, device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        a = run(fast, imgs, noise, pred_masked_only=pred_masked_only)
-        b = run(eager, imgs, noise)
-        c = run(fast, imgs, noise, pred_masked_only=pred_masked_only)
+    a = run(fast, imgs, noise, True, pred_masked_only=pred_masked_only)
+    b = run(eager, imgs, noise, True)
+    c = run(fast, imgs, noise, True, pred_masked_only=pred_masked_only)
     torch.testing.assert_close(a[0], b[0], rtol=2e-2, atol=2e-3)
     assert torch.equal(a[0], c[0]) and all(torch.equal(a[3][k], c[3][k]) for k in a[3])
