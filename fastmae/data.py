@@ -1,0 +1,264 @@
+"""Pretraining data: the embedded demo images or an ImageFolder, served as MAE's random views.
+
+A view is RandomResizedCrop (scale 0.2–1, aspect 3/4–4/3, bicubic) + a horizontal flip with probability ½,
+then ImageNet mean/std normalization: the original's augmentation. Every view is a pure function of
+``(seed, epoch, index)``: the random numbers come from a generator seeded with those keys, not from a global or
+per-worker RNG. So the stream does not depend on the number of loader workers, and a run resumed mid-epoch
+sees exactly the views it would have seen (:class:`ResumableDistributedSampler` skips what was consumed).
+
+The sampler yields ``(epoch, index)`` keys, which :class:`RandomViews` turns into views.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+EMBEDDED_NAMES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+)
+
+
+class EmbeddedImages:
+    """The photographs shipped in ``fastmae/assets`` (public domain / CC0; see its NOTICE), decoded, RGB."""
+
+    def __init__(self):
+        root = resources.files("fastmae.assets")
+        self.names = list(EMBEDDED_NAMES)
+        self.images = []
+        for name in self.names:
+            data = (root / f"{name}.jpg").read_bytes()
+            self.images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> Image.Image:
+        return self.images[i]
+
+
+class FolderImages:
+    """The images of a torchvision ``ImageFolder`` at ``root/train`` (``root/train/<class>/<image>``), as the
+    original reads ImageNet; labels are ignored.
+
+    Args:
+        root: the dataset folder (holding ``train/``).
+    """
+
+    def __init__(self, root: str | Path):
+        from torchvision.datasets import ImageFolder
+
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"data_path {str(root)!r} is not a folder (expected DIR/train/<class>/<images>)")
+        train = root / "train"
+        if not train.is_dir():
+            raise ValueError(f"data_path {str(root)!r} has no train/ folder (expected DIR/train/<class>/<images>)")
+        try:
+            folder = ImageFolder(str(train))
+        except FileNotFoundError as e:
+            raise ValueError(f"data_path {str(root)!r}: no images under train/<class>/ ({e})") from e
+        self.root = train
+        self.paths = [path for path, _ in folder.samples]
+        self.loader = folder.loader
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Image.Image:
+        return self.loader(self.paths[i]).convert("RGB")
+
+
+def crop_box(
+    height: int, width: int, rng: np.random.Generator, scale=CROP_SCALE, ratio=CROP_RATIO
+) -> tuple[int, int, int, int]:
+    """A RandomResizedCrop box ``(top, left, h, w)``: area fraction ~ U(scale), log-aspect ~ U(log ratio).
+
+    Up to ten draws; when none fits, the largest centred box whose aspect lies in ``ratio``.
+
+    Args:
+        height, width: the image size.
+        rng: the generator the draws come from.
+        scale: the range of the crop's area over the image's.
+        ratio: the range of the crop's width over its height.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def to_model_input(img: Image.Image) -> torch.Tensor:
+    """PIL RGB → ``[3, H, W]`` float32, ImageNet-normalized."""
+    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`to_model_input`'s normalization: ``[..., 3, H, W]`` → pixel values in [0, 1] (clamped)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+class RandomViews(Dataset):
+    """MAE's random views of an image source; the view for key ``(epoch, index)`` depends only on
+    ``(seed, epoch, index)``.
+
+    Args:
+        source: an object with ``__len__`` and ``load(i) -> PIL RGB image`` (:class:`EmbeddedImages`,
+            :class:`FolderImages`).
+        img_size: the side of the square views.
+        seed: the data seed (the trainer passes ``seed + rank``).
+        length: the number of views in an epoch; item ``i`` is a view of image ``i mod len(source)``.
+            Defaults to ``len(source)`` (one view of every image per epoch).
+    """
+
+    def __init__(self, source, img_size: int, seed: int = 0, length: int | None = None):
+        if len(source) == 0:
+            raise ValueError("the image source is empty")
+        if img_size < 1:
+            raise ValueError(f"img_size must be >= 1, got {img_size}")
+        self.source = source
+        self.img_size = img_size
+        self.seed = seed
+        self.length = len(source) if length is None else length
+        if self.length < 1:
+            raise ValueError(f"length must be >= 1, got {self.length}")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def view(self, epoch: int, index: int) -> torch.Tensor:
+        """The view for ``(epoch, index)``: ``[3, img_size, img_size]`` float32, normalized."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        img = self.source.load(index % len(self.source))
+        top, left, h, w = crop_box(img.height, img.width, rng)
+        size = [self.img_size, self.img_size]
+        img = TF.resized_crop(img, top, left, h, w, size, interpolation=InterpolationMode.BICUBIC)
+        if rng.uniform() < 0.5:
+            img = TF.hflip(img)
+        return to_model_input(img)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} views")
+        return self.view(epoch, index)
+
+
+def center_views(source, img_size: int, count: int) -> torch.Tensor:
+    """A fixed batch for looking at reconstructions: ``count`` images spread over ``source``, resized
+    (shorter side, bicubic) and centre-cropped to ``img_size``: ``[count', 3, S, S]`` with
+    ``count' = min(count, len(source))``."""
+    count = min(count, len(source))
+    picks = np.linspace(0, len(source) - 1, count).round().astype(int)
+    views = []
+    for i in picks:
+        img = TF.resize(source.load(int(i)), img_size, interpolation=InterpolationMode.BICUBIC)
+        views.append(to_model_input(TF.center_crop(img, [img_size, img_size])))
+    return torch.stack(views)  # [count, 3, S, S]
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that yields ``(epoch, index)`` keys and can start an epoch part-way through.
+
+    ``set_epoch(epoch, start)`` picks the epoch's shuffle (as ``DistributedSampler.set_epoch``) and skips the
+    first ``start`` indices of this rank's share: those already consumed before a checkpoint.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start must be in [0, {self.num_samples}], got {start}")
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = itertools.islice(super().__iter__(), self.start, None)
+        return ((self.epoch, i) for i in indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def build_loader(
+    dataset: Dataset,
+    sampler: ResumableDistributedSampler,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    seed: int = 0,
+) -> DataLoader:
+    """A loader over ``sampler``'s keys with full batches only (``drop_last``, as the original).
+
+    Args:
+        dataset: a :class:`RandomViews`.
+        sampler: its sampler (call ``set_epoch`` before each ``iter``).
+        batch_size: images per batch.
+        num_workers: loader processes (0: load in the main process).
+        pin_memory: page-locked batches for faster host→GPU copies.
+        seed: seeds the loader's own generator, so creating an iterator leaves the global RNG untouched.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def open_source(data_path: str | Path | None) -> EmbeddedImages | FolderImages:
+    """The embedded images when ``data_path`` is None, else the ImageFolder at ``data_path/train``."""
+    return EmbeddedImages() if data_path is None else FolderImages(data_path)
+
+
+def describe(source: Sequence | EmbeddedImages | FolderImages) -> str:
+    """One line naming the source, for logs."""
+    if isinstance(source, EmbeddedImages):
+        return f"{len(source)} embedded images ({', '.join(source.names)})"
+    if isinstance(source, FolderImages):
+        return f"{len(source)} images under {source.root}"
+    return f"{len(source)} images"
