@@ -171,7 +171,12 @@ def decoder_assembly_bytes(s: ModelShape, mode: str, elt: int) -> float:
 
 
 def step_flops(s: ModelShape) -> dict[str, float]:
-    """Model FLOPs of one training step (see the module docstring): ``{"forward", "step", "per_image"}``."""
+    """Model FLOPs of one training step (see the module docstring).
+
+    Returns:
+        ``forward`` (the batch's forward), ``forward_attention`` (its q·kᵀ and p·v part), ``step`` and
+        ``per_image`` (the step's FLOPs per image).
+    """
     r, d, dd = s.mlp_ratio, s.dim, s.dec_dim
     n, m = 1 + s.keep, 1 + s.num_patches
     embed = 2.0 * s.keep * s.patch_dim * d
@@ -181,7 +186,13 @@ def step_flops(s: ModelShape) -> dict[str, float]:
     pred = 2.0 * m * dd * s.patch_dim
     rest = enc + dec_embed + dec + pred
     per_image = 3.0 * rest + 2.0 * embed
-    return {"forward": s.batch * (embed + rest), "step": s.batch * per_image, "per_image": per_image}
+    attention = s.depth * 4.0 * n * n * d + s.dec_depth * 4.0 * m * m * dd
+    return {
+        "forward": s.batch * (embed + rest),
+        "forward_attention": s.batch * attention,
+        "step": s.batch * per_image,
+        "per_image": per_image,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ targets

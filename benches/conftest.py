@@ -22,6 +22,8 @@ def pytest_collect_file(file_path, parent):
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
+    if common.HAS_CUDA:
+        torch.backends.cudnn.benchmark = True  # as the original MAE pretraining script sets it (eager conv)
     return torch.device("cuda" if common.HAS_CUDA else "cpu")
 
 

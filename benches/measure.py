@@ -72,7 +72,8 @@ def measure_ceilings(device: torch.device, dry_run: bool = False) -> dict[str, f
     return {
         "copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
         "matmul_tflops": 2.0 * n**3 / (mm_ms * 1e-3) / 1e12,
-        "copy_desc": f"device-to-device copy of {copy_bytes / MIB:.0f} MiB (read + write counted)",
+        "copy_desc": f"{'device-to-device' if device.type == 'cuda' else 'host'} copy of {copy_bytes / MIB:.0f} MiB "
+        "(read + write counted)",
         "matmul_desc": f"{n}×{n}×{n} {str(dtype).removeprefix('torch.')} matmul on random data",
     }
 

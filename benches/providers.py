@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fastmae import ops, reference
 from fastmae.masking import random_masking
 from fastmae.pos_embed import sincos_2d
+from fastmae.schedule import build_adamw
 
 from . import common
 from .common import ModelShape
@@ -177,8 +178,15 @@ def _raise_recompile_limits() -> None:
 
 
 def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` with static shapes (each benchmarked shape gets its own specialized graph)."""
     _raise_recompile_limits()
     return torch.compile(fn, dynamic=False)
+
+
+@functools.cache
+def compiled_reference(op: str) -> Callable:
+    """One compiled wrapper per op for the whole process, so forward and forward+backward rows share its graphs."""
+    return compiled(REFERENCE[op])
 
 
 def sdpa_backend(provider: str):
@@ -222,7 +230,7 @@ def op_provider(op: str, provider: str, device: torch.device) -> Callable:
     if provider == "compile":
         if device.type != "cuda":
             raise Unavailable(CPU_COMPILE_REASON)
-        return compiled(REFERENCE[op])
+        return compiled_reference(op)
     if provider == "triton":
         return kernel_or_unavailable(op, device)
     if device.type != "cuda" and provider in ("sdpa_efficient", "sdpa_cudnn"):
@@ -321,7 +329,11 @@ STEP_CHECK_PARAMS = (
 
 @dataclass
 class StepCase:
-    """One provider's training step: ``step()`` runs forward (bf16 autocast on CUDA), backward and AdamW."""
+    """One provider's training step: ``step()`` runs forward (bf16 autocast on CUDA), backward and AdamW.
+
+    The optimizer is the one ``training/pretrain.py`` builds (MAE's parameter groups, betas (0.9, 0.95), weight
+    decay 0.05, fused on CUDA), the same for every provider.
+    """
 
     provider: str
     step: Callable[[], torch.Tensor]
@@ -361,10 +373,7 @@ def make_step(shape: ModelShape, provider: str, device: torch.device, seed: int 
         raise Unavailable(CPU_COMPILE_REASON)
     torch.manual_seed(seed)
     model = build_model(shape, provider, device)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95))
+    opt = build_adamw(model, lr=1.5e-4)  # training/pretrain.py's optimizer: MAE's groups, fused on CUDA
     forward = compiled(model) if "compile" in provider else model
     g = torch.Generator().manual_seed(seed)
     imgs = torch.randn(shape.batch, shape.chans, shape.img, shape.img, generator=g).to(device)  # fp32, as loaded

@@ -222,10 +222,23 @@ def test_speedups_and_targets_arithmetic():
     assert {t["status"] for t in invalid if t["section"] == "patch_embed"} == {"invalid (correctness check failed)"}
 
 
-def test_step_flops_match_a_direct_count():
-    s = common.GPU_MODELS["vit_b16"]
+def test_step_flops_match_torch_flop_counter():
+    """The model-FLOP count equals PyTorch's FLOP counter on the reference model (whose conv embeds all L patches,
+    where the count takes the K visible ones)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastmae import reference
+
+    s = TINY
+    model = reference.MaskedAutoencoderViT(**s.model_kwargs())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(s.batch, s.chans, s.img, s.img))
+    conv_all, conv_visible = (2 * s.batch * n * s.patch_dim * s.dim for n in (s.num_patches, s.keep))
     flops = common.step_flops(s)
-    # ViT-B/16 MAE forward per image: about 19.4 GFLOP (encoder 8.6, decoder 10.6, embeddings and pred 0.25).
-    assert flops["forward"] / s.batch == pytest.approx(19.4e9, rel=0.02)
-    assert flops["step"] == pytest.approx(3 * flops["forward"] - s.batch * 2 * s.keep * s.patch_dim * s.dim)
+    counted = counter.get_total_flops() - conv_all + conv_visible
+    # PyTorch's counter does not see CPU SDPA in the versions used here; accept it if a later one does.
+    assert counted in (flops["forward"] - flops["forward_attention"], flops["forward"])
+    assert flops["step"] == 3 * flops["forward"] - s.batch * 2 * s.keep * s.patch_dim * s.dim
+    b16 = common.step_flops(common.GPU_MODELS["vit_b16"])
+    assert b16["forward"] / 256 == pytest.approx(19.4e9, rel=0.01)  # as BENCHMARKS.md states
     assert common.attention_flops(256, 12, 50, 64, "fwd+bwd") == 3.5 * 4 * 256 * 12 * 50 * 50 * 64
