@@ -35,18 +35,35 @@ SECTIONS = ("ceilings", "checks", "patch_embed", "attention", "masked_mse", "dec
 # Shares of the time budget; a section's budget is its share of what is left when it starts.
 WEIGHTS = {
     "ceilings": 0.02,
-    "checks": 0.12,
-    "patch_embed": 0.11,
-    "attention": 0.17,
-    "masked_mse": 0.08,
-    "decoder_assembly": 0.08,
-    "step": 0.42,
+    "checks": 0.10,
+    "patch_embed": 0.10,
+    "attention": 0.18,
+    "masked_mse": 0.07,
+    "decoder_assembly": 0.07,
+    "step": 0.46,
 }
 # Seconds a row needs at least before it is started (compiles dominate); a started row may overrun its section by
 # GRACE_S before it is interrupted.
 MIN_ROW_S = {"op": 2.0, "op_compile": 15.0, "step": 10.0, "step_compile": 60.0}
 GRACE_S = 20.0
-CHECK_BATCH = 4
+# The model check's batch (its fp64 reference model must fit); the op checks run at the benchmarked shapes, so
+# that the kernels are also autotuned there first.
+MODEL_CHECK_BATCH = 4
+# The step rows that matter most run first: the ViT-B/16 targets, then ViT-L/16's MFU, then the rest.
+STEP_PRIORITY = (
+    ("vit_b16", "eager"),
+    ("vit_b16", "triton"),
+    ("vit_b16", "compile"),
+    ("vit_l16", "triton"),
+    ("vit_l16", "eager"),
+    ("vit_b16", "triton+compile"),
+    ("vit_h14", "eager"),
+    ("vit_h14", "triton"),
+    ("vit_l16", "compile"),
+    ("vit_l16", "triton+compile"),
+    ("vit_h14", "compile"),
+    ("vit_h14", "triton+compile"),
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -146,25 +163,26 @@ class Runner:
 
         for op in common.OPS:
             for shape in models:
-                small = shape.with_batch(min(shape.batch, CHECK_BATCH))
                 variants = [(st, None) for st in common.STAGES] if op == "attention" else [("", None)]
                 if op == "masked_mse":
                     variants = [("", True), ("", False)]
                 for stage, norm_pix in variants:
-                    entry = {"op": op, "model": shape.name, "case": "", "dtype": str(self.dtype).removeprefix("torch.")}
+                    label = providers.case_label(op, shape, stage or "encoder")
+                    if norm_pix is not None:
+                        label += f" norm_pix_loss={norm_pix}"
+                    dtype = str(self.dtype).removeprefix("torch.")
+                    entry = {"op": op, "model": shape.name, "case": label, "dtype": dtype}
 
-                    def run(op=op, small=small, stage=stage, norm_pix=norm_pix, entry=entry):
+                    def run(op=op, shape=shape, stage=stage, norm_pix=norm_pix):
                         fn = providers.kernel_or_unavailable(op, self.device)
-                        case = providers.make_case(op, small, self.device, self.dtype, stage or "encoder")
+                        case = providers.make_case(op, shape, self.device, self.dtype, stage or "encoder")
                         if norm_pix is not None:
                             case.args = (*case.args[:4], norm_pix)
-                            case.label += f" norm_pix_loss={norm_pix}"
-                        entry["case"] = case.label
                         result = providers.check_op(case, fn, self.dtype)
                         return {"tensors": result["tensors"], "status": "ok" if result["ok"] else "FAIL"}
 
                     self.checks.append(self.guarded(entry, 1.0, run))
-        shape = models[0].with_batch(min(models[0].batch, CHECK_BATCH))
+        shape = models[0].with_batch(min(models[0].batch, MODEL_CHECK_BATCH))
         entry = {"op": "model", "model": shape.name, "case": "", "dtype": ""}
 
         def run_model():
@@ -217,41 +235,41 @@ class Runner:
     def section_step(self, models) -> None:
         import torch
 
-        from benches import measure, providers
+        from benches import common, measure, providers
 
-        plain, comp = ("eager", "triton"), ("compile", "triton+compile")
-        for pass_providers, key in ((plain, "step"), (comp, "step_compile")):
-            for shape in models:
-                for provider in pass_providers:
-                    row = {
-                        "section": "step",
-                        "op": "step",
-                        "model": shape.name,
-                        "case": f"batch {shape.batch}",
-                        "mode": "step",
-                        "provider": provider,
-                    }
-                    scale = (
-                        1.0 if key == "step" else {"vit_b16": 1.0, "vit_l16": 1.5, "vit_h14": 2.0}.get(shape.name, 0.1)
-                    )
+        rank = {pair: i for i, pair in enumerate(STEP_PRIORITY)}
+        plan = [(shape, p) for shape in models for p in common.STEP_PROVIDERS]
+        plan.sort(key=lambda sp: rank.get((sp[0].name, sp[1]), len(rank) + common.STEP_PROVIDERS.index(sp[1])))
+        for shape, provider in plan:
+            row = {
+                "section": "step",
+                "op": "step",
+                "model": shape.name,
+                "case": f"batch {shape.batch}",
+                "mode": "step",
+                "provider": provider,
+            }
+            min_s = MIN_ROW_S["step"]
+            if "compile" in provider:
+                min_s = MIN_ROW_S["step_compile"] * {"vit_l16": 1.5, "vit_h14": 2.0}.get(shape.name, 1.0)
 
-                    def run(shape=shape, provider=provider, row=row):
-                        case = providers.make_step(shape, provider, self.device)
-                        row["kernels"] = case.kernels
-                        for _ in range(3 if self.cuda else 1):
-                            case.step()
-                        measure.sync(self.device)
-                        ms = measure.time_ms(case.step, self.device, warmup_ms=0, rep_ms=800)
-                        out = {"ms": ms, "images_per_s": shape.batch / (ms * 1e-3)}
-                        out.update(measure.rates(ms, case.flops["step"], None, self.ceilings, "matmul"))
-                        out["mfu"] = out["pct_matmul"]
-                        out.update(measure.peak_memory(case.step, self.device) or {})
-                        del case
-                        if "compile" in provider:
-                            torch._dynamo.reset()
-                        return out
+            def run(shape=shape, provider=provider, row=row):
+                case = providers.make_step(shape, provider, self.device)
+                row["kernels"] = case.kernels
+                for _ in range(3 if self.cuda else 1):
+                    case.step()
+                measure.sync(self.device)
+                ms = measure.time_ms(case.step, self.device, warmup_ms=0, rep_ms=800)
+                out = {"ms": ms, "images_per_s": shape.batch / (ms * 1e-3)}
+                out.update(measure.rates(ms, case.flops["step"], None, self.ceilings, "matmul"))
+                out["mfu"] = out["pct_matmul"]
+                out.update(measure.peak_memory(case.step, self.device) or {})
+                del case
+                if "compile" in provider:
+                    torch._dynamo.reset()
+                return out
 
-                    self.rows.append(self.guarded(row, MIN_ROW_S[key] * scale, run, collect=True))
+            self.rows.append(self.guarded(row, min_s if self.cuda else 0.0, run, collect=True))
 
 
 def main(argv: list[str] | None = None) -> int:

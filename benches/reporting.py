@@ -123,6 +123,10 @@ def _status(row: dict, width: int = 90) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _index(seq, item) -> int:
+    return list(seq).index(item) if item in seq else len(seq)
+
+
 def _table(header: list[str], lines: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     out += ["| " + " | ".join(cells) + " |" for cells in lines]
@@ -139,8 +143,8 @@ def markdown(report: dict) -> str:
     out += _table(list(keys), [[str(env.get(k, "")) for k in keys]]) + [""]
     if ceil.get("copy_gbps"):
         out.append(
-            f"Ceilings: copy {ceil['copy_gbps']:.0f} GB/s ({ceil['copy_desc']}); "
-            f"matmul {ceil['matmul_tflops']:.1f} TFLOP/s ({ceil['matmul_desc']})."
+            f"Ceilings: copy {ceil['copy_gbps']:.0f} GB/s, {ceil['copy_desc']}; "
+            f"matmul {ceil['matmul_tflops']:.1f} TFLOP/s, {ceil['matmul_desc']}."
         )
     else:
         out.append(f"Ceilings: not measured ({ceil.get('reason', 'section skipped')}).")
@@ -161,8 +165,11 @@ def markdown(report: dict) -> str:
             ]
         )
     out += _table(["op", "model", "case", "dtype", "worst tensor", "max err", "bound", "result"], lines)
+    model_order = list(report.get("models") or [])
     for section in (*common.OPS, "step"):
         rows = [r for r in report["results"] if r["section"] == section]
+        if section == "step":  # run in priority order, shown by model
+            rows.sort(key=lambda r: (_index(model_order, r["model"]), _index(common.STEP_PROVIDERS, r["provider"])))
         if not rows:
             continue
         out += ["", f"### {section}", ""]

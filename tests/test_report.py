@@ -169,6 +169,19 @@ def test_time_budget_skips_rows_and_says_so(tmp_path):
     assert all(t["status"] == "dry run: not measured" for t in rep["targets"] if t["section"] in ("masked_mse", "step"))
 
 
+def test_hard_timeout_interrupts():
+    import time
+
+    from benches import measure
+
+    with pytest.raises(measure.MeasurementTimeout):
+        with measure.hard_timeout(0.2):
+            time.sleep(5)
+    with measure.hard_timeout(5):
+        time.sleep(0.01)  # finishes in time: nothing raised, and the timer is cleared afterwards
+    time.sleep(0.05)
+
+
 def _row(section, provider, ms, model="vit_b16", mode="fwd+bwd", **extra):
     return {
         "section": section,
