@@ -190,13 +190,7 @@ class MAE(nn.Module):
         """
         if masked_ids is None:
             return ops.masked_mse_loss(self.impl, pred, imgs, mask, self.patch_size, self.norm_pix_loss)
-        if ops.use_triton(self.impl, "masked_mse", pred):
-            from .kernels.masked_mse import masked_mse_loss_rows
-
-            return masked_mse_loss_rows(pred, imgs, masked_ids, self.patch_size, self.norm_pix_loss)
-        index = masked_ids.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # [N, M, p²C]
-        full = pred.new_zeros(pred.shape[0], self.num_patches, pred.shape[-1]).scatter(1, index, pred)  # [N, L, p²C]
-        return ops.masked_mse_loss(self.impl, full, imgs, mask, self.patch_size, self.norm_pix_loss)
+        return ops.masked_mse_loss_rows(self.impl, pred, imgs, mask, masked_ids, self.patch_size, self.norm_pix_loss)
 
     def forward(
         self,

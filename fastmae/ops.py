@@ -27,6 +27,7 @@ KERNELS: dict[str, tuple[str, str]] = {
     "patch_embed": ("fastmae.kernels.patch_embed", "patch_embed_visible"),
     "attention": ("fastmae.kernels.attention", "attention"),
     "masked_mse": ("fastmae.kernels.masked_mse", "masked_mse_loss"),
+    "masked_mse_rows": ("fastmae.kernels.masked_mse", "masked_mse_loss_rows"),
     "decoder_assembly": ("fastmae.kernels.decoder_assembly", "decoder_assemble"),
 }
 
@@ -98,6 +99,16 @@ def masked_mse_loss(impl: str, pred, imgs, mask, patch_size: int, norm_pix_loss:
     """See :func:`fastmae.reference.masked_mse_loss`."""
     fn = triton_kernel("masked_mse") if use_triton(impl, "masked_mse", pred) else reference.masked_mse_loss
     return fn(pred, imgs, mask, patch_size, norm_pix_loss)
+
+
+def masked_mse_loss_rows(impl: str, pred, imgs, mask, masked_ids, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+    """The loss of predictions made for the masked patches only: ``pred [N, M, p²·C]``, row m is patch
+    ``masked_ids[n, m]``; equal to :func:`masked_mse_loss` of those rows placed in a full ``[N, L, p²·C]``."""
+    if use_triton(impl, "masked_mse_rows", pred):
+        return triton_kernel("masked_mse_rows")(pred, imgs, masked_ids, patch_size, norm_pix_loss)
+    index = masked_ids.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # [N, M, p²C]
+    full = pred.new_zeros(mask.shape[0], mask.shape[1], pred.shape[-1]).scatter(1, index, pred)  # [N, L, p²C]
+    return reference.masked_mse_loss(full, imgs, mask, patch_size, norm_pix_loss)
 
 
 def decoder_assemble(impl: str, x, ids_restore, mask_token, pos_embed) -> torch.Tensor:
