@@ -17,7 +17,7 @@ tensor exists. One launch writes every row: the cls rows are rows of the same ti
 zero and whose epilogue adds ``cls_token`` instead of the GEMM result. Accumulation is fp32; the epilogue adds bias
 and the gathered positional rows in fp32 and rounds once.
 
-Backward, from ``dout [N, 1+K, D]`` (``G[m] = dout[n, 1+k]``):
+Backward, from ``dout [N, 1+K, D]`` (``G[m] = dout[n, 1+k]``)::
 
     dW[d, r]   = Σ_m G[m, d] · A[m, r]     (_bwd_dw_kernel: A re-gathered from imgs, no saved im2col)
     dbias[d]   = Σ_m G[m, d]               (same kernel, from the G tiles it loads anyway)
@@ -41,14 +41,14 @@ cls_token.dtype)``; under autocast with MAE's fp32 ``pos_embed`` that is fp32, e
 
 ``pos_embed`` is MAE's fixed sin-cos table: its gradient is not computed, and a ``pos_embed`` that requires grad
 (with grad mode on) is refused with a ValueError; use :func:`fastmae.reference.patch_embed_visible` for a learned
-one. ``ids_keep`` is range-checked on the host (one ``.item()`` sync; skipped during CUDA-graph capture, where an
-out-of-range index gives NaN rows instead of a memory fault).
+one. ``ids_keep`` is range-checked on the host (one device-to-host sync per call; skipped during CUDA-graph
+capture, where an out-of-range index gives NaN rows instead of a memory fault). H and W must be multiples of P.
 
-Tuning: tile shapes come from the shapes and dtypes alone (:func:`_config_name`: 128×128 tiles for D ≥ 256 and
-1024+ kept patches, 32×32 otherwise; K-tile 64 for 16-bit operands, 32 for fp32 ones) rather than from
-``@triton.autotune``, so the reduction order and hence the bits do not depend on a timing race; nothing is
-queried from the GPU. Forward programs are ordered with the D tiles of one row tile adjacent, so the gathered A
-tile is re-read from L2.
+Tuning: tile shapes come from the shapes and dtypes alone (:func:`_config_name`: 128×128 tiles with a 64-deep
+reduction tile for D ≥ 256 and 1024+ kept patches, 32-deep when an operand is stored in fp32; 32×32×32 for
+smaller problems) rather than from ``@triton.autotune``, so the reduction order and hence the bits do not depend
+on a timing race; nothing is queried from the GPU. Forward programs are ordered with the D tiles of one row tile
+adjacent, so the gathered A tile is re-read from L2.
 """
 
 from __future__ import annotations
@@ -373,7 +373,7 @@ def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.d
             )
     capturing = imgs.is_cuda and torch.cuda.is_current_stream_capturing()
     if ids_keep.numel() and not capturing:
-        lo, hi = (v.item() for v in torch.aminmax(ids_keep))
+        lo, hi = torch.stack(torch.aminmax(ids_keep)).tolist()  # one device-to-host copy
         if lo < 0 or hi >= num_patches:
             raise ValueError(f"ids_keep must hold patch indices in [0, L={num_patches}), got values in [{lo}, {hi}]")
     return ct

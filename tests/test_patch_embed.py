@@ -78,6 +78,7 @@ CASES = {
     "fp16-p14-C3-K=L": (2, 3, 28, 42, 14, 24, 6, torch.float16, False),
     "fp32-p16-K=L": (3, 3, 32, 32, 16, 40, 4, torch.float32, False),
     "fp32-duplicate-ids": (2, 1, 16, 16, 8, 24, 6, torch.float32, True),
+    "fp32-K0-cls-only": (2, 3, 16, 16, 8, 24, 0, torch.float32, False),
 }
 
 
@@ -129,6 +130,7 @@ def test_strided_and_channels_last_inputs():
         _, got = check_against_eager(case, dout.transpose(0, 1).contiguous().transpose(0, 1), torch.float32)
         for key in GRAD_NAMES:
             torch.testing.assert_close(got[key], base[key], rtol=1e-5, atol=1e-6, msg=f"{name} d{key}")
+    check_against_eager(inputs, torch.randn(1, 1, 24).expand_as(dout), torch.float32)  # stride-0 upstream grad
     inputs_cl = {**inputs, "imgs": variants["channels_last"]["imgs"]}
     with poison_outputs():
         _, got = run(pe.patch_embed_visible, inputs_cl, dout)
@@ -204,7 +206,8 @@ def test_bad_inputs_raise_clear_errors(case):
         pe.patch_embed_visible(**{**BAD_INPUTS, **change})
 
 
-def test_mae_triton_matches_eager(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_mae_triton_matches_eager(monkeypatch, device):
     """MAE(impl="triton") with only this kernel enabled, against the eager model with the same weights and noise."""
     calls = []
 
@@ -214,8 +217,8 @@ def test_mae_triton_matches_eager(monkeypatch):
 
     monkeypatch.setattr(ops, "triton_kernel", lambda op: kernel if op == "patch_embed" else None)
     torch.manual_seed(0)
-    model = fastmae.mae_vit_nano_patch8(impl="triton")
-    imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 64)
+    model = fastmae.mae_vit_nano_patch8(impl="triton").to(device)
+    imgs, noise = torch.randn(2, 3, 64, 64, device=device), torch.rand(2, 64, device=device)
     results = {}
     for name, impl, dtype in (("triton", "triton", torch.float32), ("lo", "eager", torch.float32)) + (
         ("hi", "eager", torch.float64),
@@ -335,7 +338,10 @@ ODD_SHAPES = {
 @pytest.mark.parametrize("shape", list(VIT_SHAPES) + list(ODD_SHAPES))
 def test_cuda_shapes_match_eager_and_repeat_bitwise(shape, dtype):
     c, img, p, d, k = {**VIT_SHAPES, **ODD_SHAPES}[shape]
-    inputs, dout = make_inputs(8, c, img, img, p, d, k, dtype, seed=10, device="cuda")
+    n = 24 if shape in VIT_SHAPES else 8  # 24·49+ kept patches select the large tiles at the ViT shapes
+    inputs, dout = make_inputs(n, c, img, img, p, d, k, dtype, seed=10, device="cuda")
+    config = pe._config_name(d, n * k, inputs["imgs"], inputs["weight"])
+    assert (config == "small") == (shape in ODD_SHAPES), config
     out, got = check_against_eager(inputs, dout, dtype)
     with poison_outputs():
         out_b, got_b = run(pe.patch_embed_visible, inputs, dout)
@@ -347,7 +353,8 @@ def test_cuda_shapes_match_eager_and_repeat_bitwise(shape, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 def test_cuda_autocast_dtype_and_values(amp_dtype):
-    inputs, dout = make_inputs(8, 3, 224, 224, 16, 1024, 49, torch.float32, seed=11, device="cuda")
+    inputs, dout = make_inputs(24, 3, 224, 224, 16, 1024, 49, torch.float32, seed=11, device="cuda")
+    assert pe._config_name(1024, 24 * 49, inputs["imgs"], inputs["weight"]) == "large32"
     with torch.autocast("cuda", dtype=amp_dtype):
         with poison_outputs():
             out, got = run(pe.patch_embed_visible, inputs, dout)
