@@ -31,12 +31,12 @@ REFERENCE: dict[str, Callable] = {
     "decoder_assembly": reference.decoder_assemble,
 }
 
-# Compiling on the CPU was measured at 9–27 s per op shape with inductor's C++ backend on a 2-core machine,
-# too slow for a dry run that CI repeats; and torch.compile over kernels running in the Triton interpreter is
-# not supported. The compile providers are therefore measured on CUDA only.
+# Compiling on the CPU was measured at 9–27 s per op shape with inductor's C++ backend on a 2-core machine, too
+# slow for a dry run that CI repeats; and torch.compile over the kernels running in the Triton interpreter fails
+# (dynamo cannot trace the interpreter's launch, nor fake-run a triton_op there). So compile runs on CUDA only.
 CPU_COMPILE_REASON = (
     "torch.compile providers run on CUDA only: on the CPU, inductor's C++ backend took 9-27 s per op shape here "
-    "(too slow for the dry run) and compiling over Triton-interpreter kernels is not supported"
+    "(too slow for the dry run), and compiling over kernels run by the Triton interpreter fails"
 )
 
 
