@@ -254,20 +254,21 @@ class Runner:
                 min_s = MIN_ROW_S["step_compile"] * {"vit_l16": 1.5, "vit_h14": 2.0}.get(shape.name, 1.0)
 
             def run(shape=shape, provider=provider, row=row):
-                case = providers.make_step(shape, provider, self.device)
-                row["kernels"] = case.kernels
-                for _ in range(3 if self.cuda else 1):
-                    case.step()
-                measure.sync(self.device)
-                ms = measure.time_ms(case.step, self.device, warmup_ms=0, rep_ms=800)
-                out = {"ms": ms, "images_per_s": shape.batch / (ms * 1e-3)}
-                out.update(measure.rates(ms, case.flops["step"], None, self.ceilings, "matmul"))
-                out["mfu"] = out["pct_matmul"]
-                out.update(measure.peak_memory(case.step, self.device) or {})
-                del case
-                if "compile" in provider:
-                    torch._dynamo.reset()
-                return out
+                try:
+                    case = providers.make_step(shape, provider, self.device)
+                    row["kernels"] = case.kernels
+                    for _ in range(3 if self.cuda else 1):
+                        case.step()
+                    measure.sync(self.device)
+                    ms = measure.time_ms(case.step, self.device, warmup_ms=0, rep_ms=800)
+                    out = {"ms": ms, "images_per_s": shape.batch / (ms * 1e-3)}
+                    out.update(measure.rates(ms, case.flops["step"], None, self.ceilings, "matmul"))
+                    out["mfu"] = out["pct_matmul"]
+                    out.update(measure.peak_memory(case.step, self.device) or {})
+                    return out
+                finally:
+                    if "compile" in provider:
+                        torch._dynamo.reset()  # drop the compiled model's graphs (and their references)
 
             self.rows.append(self.guarded(row, min_s if self.cuda else 0.0, run, collect=True))
 
