@@ -113,6 +113,23 @@ def test_markdown_ends_with_targets(dry_run):
     assert all(t["status"].startswith("dry run: ") for t in rep["targets"])
 
 
+@pytest.mark.cuda
+def test_dry_run_on_the_gpu(tmp_path):
+    """The report's GPU-only paths at the tiny size: do_bench, peak memory, the compile providers, bf16 checks."""
+    out = tmp_path / "r.json"
+    assert report.main(["--dry-run", "--device", "cuda", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["env"]["card"] and rep["ceilings"]["status"] == "ok"
+    assert all(c["status"] == "ok" for c in rep["checks"]), [c for c in rep["checks"] if c["status"] != "ok"]
+    for r in rep["results"]:
+        if not r["provider"].startswith("sdpa_"):
+            assert r["status"] == "ok", r
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and r["peak_mib"] > 0
+    steps = {r["provider"]: r for r in rep["results"] if r["section"] == "step"}
+    assert steps["triton"]["kernels"] == present_kernels() and steps["compile"]["speedup_vs_eager"] > 0
+
+
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
