@@ -71,60 +71,97 @@ from torch.library import triton_op, wrap_triton
 
 LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-FUSED_MAX_N = 128  # sequences up to this length take the one-tile fused backward
 
 
 @triton.jit
-def _load_tile(base, rows, stride, n, offs_d, HEAD_DIM: tl.constexpr):
+def _load_tile(base, rows, stride, n, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_ROWS: tl.constexpr):
     """``[len(rows), D_PAD]`` tile of a row-major ``[n, HEAD_DIM]`` slice with row stride ``stride``; 0 outside."""
-    mask = (rows[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+    offs_d = tl.arange(0, D_PAD)
+    mask = offs_d[None, :] < HEAD_DIM
+    if MASK_ROWS:
+        mask = mask & (rows[:, None] < n)
     return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_tile(base, rows, stride, n, offs_d, x, HEAD_DIM: tl.constexpr):
+def _store_tile(base, rows, stride, n, x, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    offs_d = tl.arange(0, D_PAD)
     mask = (rows[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
     tl.store(base + rows[:, None] * stride + offs_d[None, :], x.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _fwd_step(
+    q, m_i, l_i, acc, k_ptr, v_ptr, start, N, stride, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, COLS: tl.constexpr, MASK: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online softmax: updated (m_i, l_i, acc)."""
+    cols = start + tl.arange(0, COLS)
+    k = _load_tile(k_ptr, cols, stride, N, HEAD_DIM, D_PAD, MASK)  # [COLS, D_PAD]
+    v = _load_tile(v_ptr, cols, stride, N, HEAD_DIM, D_PAD, MASK)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [ROWS, COLS], base 2
+    if MASK:
+        s = tl.where(cols[None, :] < N, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_rows(
+    q_ptr, o_ptr, lse_ptr, row0, N, H, stride_qkv_n, stride_out_n, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, TAIL: tl.constexpr, ROWS: tl.constexpr, MASK_Q: tl.constexpr,
+):  # fmt: skip
+    """out and lse of query rows ``row0 .. row0+ROWS-1``: full key tiles of BLOCK, then one masked TAIL tile."""
+    rows = row0 + tl.arange(0, ROWS)
+    q = _load_tile(q_ptr, rows, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_Q)  # [ROWS, D_PAD]
+    k_ptr = q_ptr + H * HEAD_DIM
+    v_ptr = k_ptr + H * HEAD_DIM
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], tl.float32)
+    n_full = N // BLOCK * BLOCK
+    for start in range(0, n_full, BLOCK):
+        m_i, l_i, acc = _fwd_step(
+            q, m_i, l_i, acc, k_ptr, v_ptr, start, N, stride_qkv_n, qk_scale, HEAD_DIM, D_PAD, PRECISION, BLOCK, False
+        )
+    if n_full < N:
+        m_i, l_i, acc = _fwd_step(
+            q, m_i, l_i, acc, k_ptr, v_ptr, n_full, N, stride_qkv_n, qk_scale, HEAD_DIM, D_PAD, PRECISION, TAIL, True
+        )
+    _store_tile(o_ptr, rows, stride_out_n, N, acc / l_i[:, None], HEAD_DIM, D_PAD)
+    tl.store(lse_ptr + rows, m_i + tl.math.log2(l_i), mask=rows < N)
+
+
+@triton.jit
 def _attn_fwd(
     QKV, Out, Lse, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    """out and lse for one query tile of one (b, h); grid ``(B·H·cdiv(N, BLOCK_M),)``."""
+    """out and lse for one query tile of one (b, h); grid ``(B·H·cdiv(N, BLOCK),)``, a head's tiles adjacent."""
     pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_M)
+    n_tiles = tl.cdiv(N, BLOCK)
     bh = pid // n_tiles
+    tile = pid % n_tiles
     b = bh // H
     h = bh % H
     q_ptr = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
-    k_ptr = q_ptr + H * HEAD_DIM
-    v_ptr = k_ptr + H * HEAD_DIM
-    rows = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-
-    q = _load_tile(q_ptr, rows, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_M, D_PAD]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        k = _load_tile(k_ptr, cols, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_N, D_PAD]
-        v = _load_tile(v_ptr, cols, stride_qkv_n, N, offs_d, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
-        s = tl.where(cols[None, :] < N, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
-    out_ptr = Out + b.to(tl.int64) * stride_out_b + h * HEAD_DIM
-    _store_tile(out_ptr, rows, stride_out_n, N, offs_d, acc / l_i[:, None], HEAD_DIM)
-    tl.store(Lse + bh.to(tl.int64) * N + rows, m_i + tl.math.log2(l_i), mask=rows < N)
+    o_ptr = Out + b.to(tl.int64) * stride_out_b + h * HEAD_DIM
+    lse_ptr = Lse + bh.to(tl.int64) * N
+    if (tile + 1) * BLOCK <= N:
+        _fwd_rows(
+            q_ptr, o_ptr, lse_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_out_n, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, BLOCK, False,
+        )  # fmt: skip
+    else:
+        _fwd_rows(
+            q_ptr, o_ptr, lse_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_out_n, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, TAIL, True,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -141,11 +178,10 @@ def _attn_bwd_fused(
     dqkv_ptr = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
     do_ptr = DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
     idx = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    q = _load_tile(q_ptr, idx, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK, D_PAD]
-    k = _load_tile(q_ptr + H * HEAD_DIM, idx, stride_qkv_n, N, offs_d, HEAD_DIM)
-    v = _load_tile(q_ptr + 2 * H * HEAD_DIM, idx, stride_qkv_n, N, offs_d, HEAD_DIM)
-    do = _load_tile(do_ptr, idx, stride_do_n, N, offs_d, HEAD_DIM)
+    q = _load_tile(q_ptr, idx, stride_qkv_n, N, HEAD_DIM, D_PAD, True)  # [BLOCK, D_PAD]
+    k = _load_tile(q_ptr + H * HEAD_DIM, idx, stride_qkv_n, N, HEAD_DIM, D_PAD, True)
+    v = _load_tile(q_ptr + 2 * H * HEAD_DIM, idx, stride_qkv_n, N, HEAD_DIM, D_PAD, True)
+    do = _load_tile(do_ptr, idx, stride_do_n, N, HEAD_DIM, D_PAD, True)
     lse = tl.load(Lse + bh.to(tl.int64) * N + idx, mask=idx < N, other=0.0)
 
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK(q), BLOCK(k)]
@@ -155,143 +191,228 @@ def _attn_bwd_fused(
     delta = tl.sum(p * dp, 1)
     ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
     dv = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=PRECISION)  # [BLOCK, D_PAD]
-    _store_tile(dqkv_ptr + 2 * H * HEAD_DIM, idx, stride_dqkv_n, N, offs_d, dv, HEAD_DIM)
+    _store_tile(dqkv_ptr + 2 * H * HEAD_DIM, idx, stride_dqkv_n, N, dv, HEAD_DIM, D_PAD)
     dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
-    _store_tile(dqkv_ptr + H * HEAD_DIM, idx, stride_dqkv_n, N, offs_d, dk, HEAD_DIM)
+    _store_tile(dqkv_ptr + H * HEAD_DIM, idx, stride_dqkv_n, N, dk, HEAD_DIM, D_PAD)
     dq = tl.dot(ds, k, input_precision=PRECISION)
-    _store_tile(dqkv_ptr, idx, stride_dqkv_n, N, offs_d, dq, HEAD_DIM)
+    _store_tile(dqkv_ptr, idx, stride_dqkv_n, N, dq, HEAD_DIM, D_PAD)
+
+
+@triton.jit
+def _dq_step(
+    q, do, lse, delta, dq, k_ptr, v_ptr, start, N, stride, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, COLS: tl.constexpr, MASK: tl.constexpr,
+):  # fmt: skip
+    """dq += ds · k over one key tile."""
+    cols = start + tl.arange(0, COLS)
+    k = _load_tile(k_ptr, cols, stride, N, HEAD_DIM, D_PAD, MASK)  # [COLS, D_PAD]
+    v = _load_tile(v_ptr, cols, stride, N, HEAD_DIM, D_PAD, MASK)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [ROWS, COLS]
+    p = tl.math.exp2(s - lse[:, None])
+    if MASK:
+        p = tl.where(cols[None, :] < N, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None]) * scale
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _dq_rows(
+    q_ptr, o_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, row0, N, H,
+    stride_qkv_n, stride_out_n, stride_do_n, stride_dqkv_n, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, TAIL: tl.constexpr, ROWS: tl.constexpr, MASK_Q: tl.constexpr,
+):  # fmt: skip
+    """Delta and dq of query rows ``row0 .. row0+ROWS-1``."""
+    rows = row0 + tl.arange(0, ROWS)
+    q = _load_tile(q_ptr, rows, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_Q)  # [ROWS, D_PAD]
+    do = _load_tile(do_ptr, rows, stride_do_n, N, HEAD_DIM, D_PAD, MASK_Q)
+    o = _load_tile(o_ptr, rows, stride_out_n, N, HEAD_DIM, D_PAD, MASK_Q)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [ROWS]
+    tl.store(delta_ptr + rows, delta, mask=rows < N)
+    lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
+    k_ptr = q_ptr + H * HEAD_DIM
+    v_ptr = k_ptr + H * HEAD_DIM
+    dq = tl.zeros([ROWS, D_PAD], tl.float32)
+    n_full = N // BLOCK * BLOCK
+    for start in range(0, n_full, BLOCK):
+        dq = _dq_step(
+            q, do, lse, delta, dq, k_ptr, v_ptr, start, N, stride_qkv_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, BLOCK, False,
+        )  # fmt: skip
+    if n_full < N:
+        dq = _dq_step(
+            q, do, lse, delta, dq, k_ptr, v_ptr, n_full, N, stride_qkv_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, TAIL, True,
+        )  # fmt: skip
+    _store_tile(dq_ptr, rows, stride_dqkv_n, N, dq, HEAD_DIM, D_PAD)
 
 
 @triton.jit
 def _attn_bwd_dq(
     QKV, Out, Lse, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
     stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    """Delta and dq of one query tile; grid ``(B·H·cdiv(N, BLOCK_M),)``."""
+    """Delta and dq of one query tile; grid ``(B·H·cdiv(N, BLOCK),)``."""
     pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_M)
+    n_tiles = tl.cdiv(N, BLOCK)
     bh = pid // n_tiles
+    tile = pid % n_tiles
     b = bh // H
     h = bh % H
     q_ptr = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
-    k_ptr = q_ptr + H * HEAD_DIM
-    v_ptr = k_ptr + H * HEAD_DIM
-    rows = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
+    o_ptr = Out + b.to(tl.int64) * stride_out_b + h * HEAD_DIM
+    do_ptr = DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
+    dq_ptr = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
+    lse_ptr = Lse + bh.to(tl.int64) * N
+    delta_ptr = Delta + bh.to(tl.int64) * N
+    if (tile + 1) * BLOCK <= N:
+        _dq_rows(
+            q_ptr, o_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, tile * BLOCK, N, H,
+            stride_qkv_n, stride_out_n, stride_do_n, stride_dqkv_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, BLOCK, False,
+        )  # fmt: skip
+    else:
+        _dq_rows(
+            q_ptr, o_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, tile * BLOCK, N, H,
+            stride_qkv_n, stride_out_n, stride_do_n, stride_dqkv_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, TAIL, True,
+        )  # fmt: skip
 
-    q = _load_tile(q_ptr, rows, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_M, D_PAD]
-    do = _load_tile(DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, rows, stride_do_n, N, offs_d, HEAD_DIM)
-    o = _load_tile(Out + b.to(tl.int64) * stride_out_b + h * HEAD_DIM, rows, stride_out_n, N, offs_d, HEAD_DIM)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BLOCK_M]
-    tl.store(Delta + bh.to(tl.int64) * N + rows, delta, mask=rows < N)
-    lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        k = _load_tile(k_ptr, cols, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_N, D_PAD]
-        v = _load_tile(v_ptr, cols, stride_qkv_n, N, offs_d, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        p = tl.where(cols[None, :] < N, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None]) * scale
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    _store_tile(DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM, rows, stride_dqkv_n, N, offs_d, dq, HEAD_DIM)
+@triton.jit
+def _dkdv_step(
+    k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, start, N, stride_qkv_n, stride_do_n, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr, MASK: tl.constexpr,
+):  # fmt: skip
+    """dv += pᵀ · dout and dk += dsᵀ · q over one query tile (scores transposed: keys are rows)."""
+    rows = start + tl.arange(0, ROWS)
+    q = _load_tile(q_ptr, rows, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK)  # [ROWS, D_PAD]
+    do = _load_tile(do_ptr, rows, stride_do_n, N, HEAD_DIM, D_PAD, MASK)
+    if MASK:
+        lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=rows < N, other=0.0)
+    else:
+        lse = tl.load(lse_ptr + rows)
+        delta = tl.load(delta_ptr + rows)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [COLS, ROWS]
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASK:
+        p_t = tl.where(rows[None, :] < N, p_t, 0.0)
+    dv = tl.dot(p_t.to(q.dtype), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :]) * scale
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_cols(
+    q_ptr, do_ptr, dk_ptr, lse_ptr, delta_ptr, col0, N, H, stride_qkv_n, stride_do_n, stride_dqkv_n, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, TAIL: tl.constexpr, COLS: tl.constexpr, MASK_K: tl.constexpr,
+):  # fmt: skip
+    """dk and dv of keys ``col0 .. col0+COLS-1``: full query tiles of BLOCK, then one masked TAIL tile."""
+    cols = col0 + tl.arange(0, COLS)
+    k = _load_tile(q_ptr + H * HEAD_DIM, cols, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_K)  # [COLS, D_PAD]
+    v = _load_tile(q_ptr + 2 * H * HEAD_DIM, cols, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_K)
+    dk = tl.zeros([COLS, D_PAD], tl.float32)
+    dv = tl.zeros([COLS, D_PAD], tl.float32)
+    n_full = N // BLOCK * BLOCK
+    for start in range(0, n_full, BLOCK):
+        dk, dv = _dkdv_step(
+            k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, start, N, stride_qkv_n, stride_do_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, BLOCK, False,
+        )  # fmt: skip
+    if n_full < N:
+        dk, dv = _dkdv_step(
+            k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, n_full, N, stride_qkv_n, stride_do_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, TAIL, True,
+        )  # fmt: skip
+    _store_tile(dk_ptr, cols, stride_dqkv_n, N, dk, HEAD_DIM, D_PAD)
+    _store_tile(dk_ptr + H * HEAD_DIM, cols, stride_dqkv_n, N, dv, HEAD_DIM, D_PAD)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
     QKV, Lse, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
     stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    """dk and dv of one key tile (after ``_attn_bwd_dq`` wrote Delta); grid ``(B·H·cdiv(N, BLOCK_N),)``."""
+    """dk and dv of one key tile (after ``_attn_bwd_dq`` wrote Delta); grid ``(B·H·cdiv(N, BLOCK),)``."""
     pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
+    n_tiles = tl.cdiv(N, BLOCK)
     bh = pid // n_tiles
+    tile = pid % n_tiles
     b = bh // H
     h = bh % H
     q_ptr = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     do_ptr = DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
-    cols = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-
-    k = _load_tile(q_ptr + H * HEAD_DIM, cols, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_N, D_PAD]
-    v = _load_tile(q_ptr + 2 * H * HEAD_DIM, cols, stride_qkv_n, N, offs_d, HEAD_DIM)
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    for start in range(0, N, BLOCK_M):
-        rows = start + offs_m
-        q = _load_tile(q_ptr, rows, stride_qkv_n, N, offs_d, HEAD_DIM)  # [BLOCK_M, D_PAD]
-        do = _load_tile(do_ptr, rows, stride_do_n, N, offs_d, HEAD_DIM)
-        lse = tl.load(Lse + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
-        delta = tl.load(Delta + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-        p_t = tl.where(rows[None, :] < N, tl.math.exp2(s_t - lse[None, :]), 0.0)
-        dv = tl.dot(p_t.to(q.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :]) * scale
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     dk_ptr = DQKV + b.to(tl.int64) * stride_dqkv_b + (H + h) * HEAD_DIM
-    _store_tile(dk_ptr, cols, stride_dqkv_n, N, offs_d, dk, HEAD_DIM)
-    _store_tile(dk_ptr + H * HEAD_DIM, cols, stride_dqkv_n, N, offs_d, dv, HEAD_DIM)
+    lse_ptr = Lse + bh.to(tl.int64) * N
+    delta_ptr = Delta + bh.to(tl.int64) * N
+    if (tile + 1) * BLOCK <= N:
+        _dkdv_cols(
+            q_ptr, do_ptr, dk_ptr, lse_ptr, delta_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_do_n, stride_dqkv_n,
+            scale, qk_scale, HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, BLOCK, False,
+        )  # fmt: skip
+    else:
+        _dkdv_cols(
+            q_ptr, do_ptr, dk_ptr, lse_ptr, delta_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_do_n, stride_dqkv_n,
+            scale, qk_scale, HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, TAIL, True,
+        )  # fmt: skip
 
 
-def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+def _opts(num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({}, num_warps=num_warps, num_stages=num_stages)
 
 
-def _cfg_fused(block: int, num_warps: int) -> triton.Config:
-    return triton.Config({"BLOCK": block}, num_warps=num_warps, num_stages=1)
-
-
-# N bucket (the largest N it serves; None: longer) -> candidate configs. The first one of each list is the
-# default wherever the autotuner does not run (the interpreter).
-FWD_CONFIGS = {
-    64: [_cfg(64, 64, 4, 1), _cfg(64, 64, 8, 1)],
-    128: [_cfg(64, 128, 4, 1), _cfg(128, 128, 8, 1)],
-    256: [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
-    None: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+# Autotune candidates per kernel: launch options only. The tiling is fixed by N (see ``tiling``), so the tail tile
+# is sized to the sequence and results do not depend on which candidate wins.
+CONFIGS = {
+    "fwd": [_opts(4, 2), _opts(8, 2)],
+    "bwd_fused": [_opts(4, 1), _opts(8, 1)],
+    "bwd_dq": [_opts(4, 2), _opts(8, 2)],
+    "bwd_dkdv": [_opts(4, 2), _opts(8, 2)],
 }
-BWD_FUSED_CONFIGS = {
-    64: [_cfg_fused(64, 4), _cfg_fused(64, 8)],
-    128: [_cfg_fused(128, 8)],
-}
-BWD_DQ_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)]  # owns BLOCK_M query rows
-BWD_DKDV_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2)]  # owns BLOCK_N keys
+# fp32 (3xTF32 dots on fp32 operands: twice the shared memory, three MMAs per product): one config, small tiles.
+CONFIGS_FP32 = {"fwd": [_opts(4, 1)], "bwd_dq": [_opts(4, 1)], "bwd_dkdv": [_opts(8, 1)]}
+BLOCK_16, BLOCK_32 = 64, 32  # full tile of the fp16/bf16 and of the fp32 kernels
+KERNELS = {"fwd": _attn_fwd, "bwd_fused": _attn_bwd_fused, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
 
 
 def _tuner(fn, configs: list[triton.Config]):
-    return triton.autotune(configs=configs, key=["N", "HEAD_DIM"])(fn)
+    return triton.autotune(configs=configs, key=["N", "HEAD_DIM", "TAIL"])(fn)
 
 
-_FWD = {bucket: _tuner(_attn_fwd, cfgs) for bucket, cfgs in FWD_CONFIGS.items()}
-_BWD_FUSED = {bucket: _tuner(_attn_bwd_fused, cfgs) for bucket, cfgs in BWD_FUSED_CONFIGS.items()}
-_BWD_DQ = _tuner(_attn_bwd_dq, BWD_DQ_CONFIGS)
-_BWD_DKDV = _tuner(_attn_bwd_dkdv, BWD_DKDV_CONFIGS)
+_TUNERS = {name: _tuner(KERNELS[name], cfgs) for name, cfgs in CONFIGS.items()}
+_TUNERS_FP32 = {name: _tuner(KERNELS[name], cfgs) for name, cfgs in CONFIGS_FP32.items()}
 
 # triton.jit turned the kernels into interpreted functions when this was set at import.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _forced: dict[str, int] = {}
 
 
-def bucket(n: int) -> int | None:
-    """The N bucket whose configs serve a sequence of ``n`` tokens."""
-    return next((b for b in (64, 128, 256) if n <= b), None)
+def tiling(n: int, dtype: torch.dtype) -> tuple[int, int, bool]:
+    """``(BLOCK, TAIL, fused)`` for a sequence of ``n`` tokens.
+
+    Full tiles are BLOCK long; the ``n mod BLOCK`` leftover rows/keys form one TAIL tile (a power of two >= 16);
+    ``fused``: the whole sequence fits one tile and the backward runs as one kernel.
+    """
+    block = BLOCK_32 if dtype == torch.float32 else BLOCK_16
+    rest = n % block or block
+    tail = max(16, triton.next_power_of_2(rest))
+    return block, tail, n <= block and dtype != torch.float32
 
 
 @contextlib.contextmanager
 def force_config(**index: int) -> Iterator[None]:
-    """Launch the named kernels with config ``index`` of their bucket's list instead of the autotuner's pick.
+    """Launch the named kernels with config ``index`` of their candidate list instead of the autotuner's pick.
 
     Names: ``fwd``, ``bwd_fused``, ``bwd_dq``, ``bwd_dkdv``; e.g. ``force_config(fwd=1)``.
     """
-    unknown = set(index) - {"fwd", "bwd_fused", "bwd_dq", "bwd_dkdv"}
+    unknown = set(index) - set(KERNELS)
     if unknown:
         raise ValueError(f"unknown kernel names {sorted(unknown)}")
     prev = dict(_forced)
@@ -303,18 +424,19 @@ def force_config(**index: int) -> Iterator[None]:
         _forced.update(prev)
 
 
-def _launch(name: str, tuner, grid, args: tuple, consts: dict) -> None:
-    """Launch an autotuned kernel, or its forced / default config without benchmarking."""
+def _launch(name: str, dtype: torch.dtype, grid, args: tuple, consts: dict) -> None:
+    """Launch kernel ``name`` autotuned, or with its forced / first config without benchmarking."""
+    tuner = (_TUNERS_FP32 if dtype == torch.float32 else _TUNERS)[name]
     index = _forced.get(name)
     if index is None and not _INTERPRETED:
         wrap_triton(tuner)[grid](*args, **consts)
         return
-    cfg = tuner.configs[index or 0]
-    wrap_triton(tuner.fn)[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = tuner.configs[min(index or 0, len(tuner.configs) - 1)]
+    wrap_triton(tuner.fn)[grid](*args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _consts(dtype: torch.dtype, head_dim: int) -> dict:
-    precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is unused by fp16/bf16 dots
+    precision = "tf32x3" if dtype == torch.float32 else "tf32"  # tf32 is unused by fp16/bf16 dots
     return {"HEAD_DIM": head_dim, "D_PAD": triton.next_power_of_2(head_dim), "PRECISION": precision}
 
 
@@ -326,9 +448,10 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torc
     out = empty(b, n, h * d, dtype=qkv.dtype, device=qkv.device)  # [B, N, H·d]
     lse = empty(b, h, n, dtype=torch.float32, device=qkv.device)  # [B, H, N]
     if b > 0:
+        block, tail, _ = tiling(n, qkv.dtype)
         args = (qkv, out, lse, n, h, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale * LOG2E)
-        grid = lambda meta: (b * h * triton.cdiv(n, meta["BLOCK_M"]),)
-        _launch("fwd", _FWD[bucket(n)], grid, args, _consts(qkv.dtype, d))
+        grid = (b * h * triton.cdiv(n, block),)
+        _launch("fwd", qkv.dtype, grid, args, {**_consts(qkv.dtype, d), "BLOCK": block, "TAIL": tail})
     return out, lse
 
 
@@ -342,22 +465,20 @@ def attention_bwd(
     dqkv = empty(b, n, three_hd, dtype=qkv.dtype, device=qkv.device)  # [B, N, 3·H·d]
     if b == 0:
         return dqkv
+    block, tail, fused = tiling(n, qkv.dtype)
     consts = _consts(qkv.dtype, d)
-    strides = (qkv.stride(0), qkv.stride(1))
-    do_strides = (dout.stride(0), dout.stride(1))
-    dqkv_strides = (dqkv.stride(0), dqkv.stride(1))
-    if n <= FUSED_MAX_N:
-        args = (qkv, lse, dout, dqkv, n, h, *strides, *do_strides, *dqkv_strides, scale, scale * LOG2E)
-        _launch("bwd_fused", _BWD_FUSED[bucket(n)], (b * h,), args, consts)
+    strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1))
+    if fused:
+        args = (qkv, lse, dout, dqkv, n, h, *strides, scale, scale * LOG2E)
+        _launch("bwd_fused", qkv.dtype, (b * h,), args, {**consts, "BLOCK": tail})
         return dqkv
+    consts.update(BLOCK=block, TAIL=tail)
+    grid = (b * h * triton.cdiv(n, block),)
     delta = empty(b, h, n, dtype=torch.float32, device=qkv.device)  # [B, H, N]
-    out_strides = (out.stride(0), out.stride(1))
-    args = (qkv, out, lse, dout, delta, dqkv, n, h, *strides, *out_strides, *do_strides, *dqkv_strides)
-    grid = lambda meta: (b * h * triton.cdiv(n, meta["BLOCK_M"]),)
-    _launch("bwd_dq", _BWD_DQ, grid, (*args, scale, scale * LOG2E), consts)
-    args = (qkv, lse, dout, delta, dqkv, n, h, *strides, *do_strides, *dqkv_strides, scale, scale * LOG2E)
-    grid = lambda meta: (b * h * triton.cdiv(n, meta["BLOCK_N"]),)
-    _launch("bwd_dkdv", _BWD_DKDV, grid, args, consts)
+    args = (qkv, out, lse, dout, delta, dqkv, n, h, *strides[:2], out.stride(0), out.stride(1), *strides[2:])
+    _launch("bwd_dq", qkv.dtype, grid, (*args, scale, scale * LOG2E), consts)
+    args = (qkv, lse, dout, delta, dqkv, n, h, *strides, scale, scale * LOG2E)
+    _launch("bwd_dkdv", qkv.dtype, grid, args, consts)
     return dqkv
 
 
