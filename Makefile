@@ -22,7 +22,9 @@ lint: $(BIN)/.installed
 bench-dry: $(BIN)/.installed
 	$(BIN)/python -m pytest -q benches/ --benchmark-disable
 
+# The demo starts afresh each time (runs/demo is its own output folder).
 pretrain: $(BIN)/.installed
+	rm -rf runs/demo
 	$(BIN)/python training/pretrain.py --preset demo
 
 clean:

@@ -1,4 +1,4 @@
-"""Pictures of a pretraining run, drawn with Pillow: reconstruction grids and the loss curve.
+"""Seeing a pretraining run: the metrics log, and pictures drawn with Pillow (reconstruction grids, loss curve).
 
 A reconstruction grid has one row per image and four columns: the original, the masked input (removed patches
 grey), the model's prediction of every patch, and the prediction with the visible patches pasted back. With
@@ -8,6 +8,8 @@ and unbiased variance, as the loss defined them.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -138,19 +140,23 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return ticks
 
 
-def ema(values: Sequence[float], beta: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average of ``values``."""
-    out, avg = [], 0.0
-    for k, v in enumerate(values, start=1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**k))
+def smooth(values: Sequence[float], radius: int) -> list[float]:
+    """Centred moving average over ``2·radius + 1`` values (fewer at the ends), so the trend does not lag."""
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - radius), min(len(values), i + radius + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
     return out
 
 
 def loss_curve_image(
     steps: Sequence[float], losses: Sequence[float], title: str = "training loss", size: tuple[int, int] = (720, 420)
 ) -> Image.Image:
-    """A line plot of ``losses`` against ``steps``: the raw values in light blue, their EMA in dark blue.
+    """A line plot of ``losses`` against ``steps``: the raw values in light blue, a centred moving
+    average (over about 1/50 of the run) in dark blue.
 
     Args:
         steps: x values (optimizer steps), increasing.
@@ -189,10 +195,10 @@ def loss_curve_image(
     draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
     draw.text((width // 2 - 14, height - 18), "step", fill=(0, 0, 0), font=font)
     raw = [to_px(x, y) for x, y in zip(steps, losses)]
-    smooth = [to_px(x, y) for x, y in zip(steps, ema(losses))]
+    trend = [to_px(x, y) for x, y in zip(steps, smooth(losses, max(1, len(losses) // 100)))]
     if len(raw) > 1:
         draw.line(raw, fill=(160, 190, 235), width=1)
-        draw.line(smooth, fill=(20, 60, 160), width=2)
+        draw.line(trend, fill=(20, 60, 160), width=2)
     else:
         px, py = raw[0]
         draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(20, 60, 160))
@@ -204,3 +210,61 @@ def save_loss_curve(
 ) -> Path:
     """Write :func:`loss_curve_image` as a PNG."""
     return _save_png(loss_curve_image(steps, losses, title), path)
+
+
+class MetricsLog:
+    """A run's record: ``metrics.jsonl`` (one JSON object per line, flushed at once) and, when
+    ``torch.utils.tensorboard`` imports, the same numbers as TensorBoard scalars under ``tensorboard/``.
+
+    Args:
+        output_dir: where the files go.
+        resume_step: when resuming, the checkpoint's step: records after it (logged by the run that was cut
+            short, past its last checkpoint) are dropped so that no step appears twice. None starts a new log.
+        tensorboard: also write TensorBoard scalars (silently skipped when TensorBoard is not installed).
+    """
+
+    SCALARS = ("loss", "lr", "img_per_s", "grad_norm", "peak_mem_mb")
+
+    def __init__(self, output_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True):
+        output_dir = Path(output_dir)
+        self.path = output_dir / "metrics.jsonl"
+        self.records: list[dict] = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
+                        self.records.append(record)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.path)
+        self.file = self.path.open("a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        """Append one record (it must hold ``step``); its numeric :attr:`SCALARS` go to TensorBoard."""
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key in self.SCALARS:
+                if isinstance(record.get(key), (int, float)):
+                    self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def save_loss_curve(self, path: str | Path) -> Path | None:
+        """Draw the logged losses (see :func:`save_loss_curve`); None while nothing is logged."""
+        if not self.records:
+            return None
+        return save_loss_curve(path, [r["step"] for r in self.records], [r["loss"] for r in self.records])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -37,6 +37,16 @@ TINY = dict(
 )  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread: the tiny model gains nothing from more, and a shared CPU makes them slow."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the script leaves the thread count alone when this is set
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(tmp_path, name="run", **overrides):
     return pretrain.TrainConfig(**{**TINY, "output_dir": str(tmp_path / name), **overrides})
 

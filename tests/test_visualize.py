@@ -62,9 +62,36 @@ def test_loss_curve_draws_the_falling_line(tmp_path):
         visualize.loss_curve_image([1, 2], [0.3])
 
 
-def test_nice_ticks_and_ema():
+def test_nice_ticks_and_smooth():
     assert visualize.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert visualize.nice_ticks(0.37, 2.1, 4) == [0.5, 1.0, 1.5, 2.0]
-    assert visualize.ema([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert visualize.smooth([1.0, 2.0, 6.0, 3.0], 1) == pytest.approx([1.5, 3.0, 11 / 3, 4.5])
+    assert visualize.smooth([4.0, 5.0], 0) == [4.0, 5.0]
     with pytest.raises(ValueError, match="finite"):
         visualize.nice_ticks(0, float("nan"))
+
+
+def test_metrics_log_resume_drops_steps_past_the_checkpoint(tmp_path):
+    import importlib.util
+    import json
+
+    log = visualize.MetricsLog(tmp_path, tensorboard=True)
+    has_tb = importlib.util.find_spec("tensorboard") is not None
+    assert (log.tb is not None) == has_tb  # TensorBoard is used exactly when it is installed
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step, "lr": 0.1, "img_per_s": 5.0, "grad_norm": 1.0, "peak_mem_mb": 1})
+    log.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')  # a record cut short by a kill
+    log = visualize.MetricsLog(tmp_path, resume_step=3, tensorboard=False)
+    assert [r["step"] for r in log.records] == [1, 2, 3]
+    log.write({"step": 4, "loss": 0.2})
+    assert log.save_loss_curve(tmp_path / "loss.png").exists()
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    fresh = visualize.MetricsLog(tmp_path, resume_step=None, tensorboard=False)
+    assert fresh.records == [] and fresh.save_loss_curve(tmp_path / "x.png") is None
+    fresh.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -105,13 +105,13 @@ class TrainConfig:
 
 
 def demo_preset(cuda: bool) -> dict:
-    """``--preset demo``: a few minutes on the embedded images; the model size follows the hardware."""
-    common = dict(output_dir="runs/demo", norm_pix_loss=False, min_lr=1e-5, log_every=1, save_every_epochs=0)
-    if not cuda:  # 2 CPU cores: 64-px toy model
-        return dict(common, model="mae_vit_nano_patch8", batch_size=64, views_per_epoch=1024, epochs=24,
-                    warmup_epochs=2, blr=4e-3, viz_every=128, save_every_steps=128)  # fmt: skip
-    return dict(common, model="mae_vit_base_patch16", batch_size=128, views_per_epoch=4096, epochs=30,
-                warmup_epochs=3, blr=1.5e-3, viz_every=200, save_every_steps=200, log_every=5)  # fmt: skip
+    """``--preset demo``: minutes on the embedded images; the model size follows the hardware."""
+    demo = dict(output_dir="runs/demo", norm_pix_loss=False, min_lr=1e-5, save_every_epochs=0, warmup_epochs=1)
+    if not cuda:  # 2 CPU cores: the 64-px toy model, 12 epochs × 16 steps of 64 views
+        demo.update(model="mae_vit_nano_patch8", batch_size=64, views_per_epoch=1024, epochs=12, blr=8e-3)
+        return dict(demo, viz_every=64, save_every_steps=64, log_every=1)
+    demo.update(model="mae_vit_base_patch16", batch_size=128, views_per_epoch=4096, epochs=30, blr=1.5e-3)
+    return dict(demo, warmup_epochs=3, viz_every=240, save_every_steps=240, log_every=5)
 
 
 PRESETS = {"demo": demo_preset}
@@ -260,45 +260,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class Metrics:
-    """Rank 0's record of the run: ``metrics.jsonl`` (one JSON object per line) and TensorBoard scalars."""
-
-    def __init__(self, output_dir: Path, resume_step: int | None, tensorboard: bool):
-        self.path = output_dir / "metrics.jsonl"
-        self.records: list[dict] = []
-        if resume_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    record = json.loads(line)
-                    if record.get("step", math.inf) <= resume_step:
-                        self.records.append(record)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)  # drops records past the checkpoint being resumed
-        self.file = self.path.open("a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key in ("loss", "lr", "img_per_s", "grad_norm", "peak_mem_mb"):
-                self.tb.add_scalar(f"train/{key}", record[key], record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 @dataclass
 class RunResult:
     """What :func:`train` returns: the last step, this run's per-step losses (mean over ranks), the model."""
@@ -326,6 +287,50 @@ def train(cfg: TrainConfig) -> RunResult:
             dist.destroy_process_group()
 
 
+def build_data(cfg: TrainConfig, env: Dist):
+    """Source, views, sampler and loader. Rank r reads its DistributedSampler share; its views use seed + r."""
+    try:
+        source = data.open_source(cfg.data_path)
+    except ValueError as e:
+        raise ConfigError(f"--data-path: {e}") from e
+    img_size = cfg.input_size or fastmae.get_config(cfg.model).img_size
+    length = cfg.views_per_epoch if cfg.data_path is None else None
+    dataset = data.RandomViews(source, img_size, seed=cfg.seed + env.rank, length=length)
+    sampler = data.ResumableDistributedSampler(dataset, env.world, env.rank, seed=cfg.seed)
+    workers = num_workers(cfg, env.device)
+    pin = cfg.pin_mem and env.device.type == "cuda"
+    loader = data.build_loader(dataset, sampler, cfg.batch_size, workers, pin, seed=cfg.seed + env.rank)
+    if env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # leave the loader workers their cores
+        torch.set_num_threads(max(1, cpus_per_rank() - workers))
+    return source, dataset, sampler, loader, img_size
+
+
+def build_model(cfg: TrainConfig, env: Dist):
+    """The model, the same initial weights on every rank; wrapped in DDP, or sharded with FSDP2 per block then
+    at the root. Returns ``(raw, model, ddp)``: the MAE module (sharded in place under FSDP), what the training
+    step calls (possibly compiled), and the DDP wrapper or None."""
+    seed_everything(cfg.seed)
+    overrides = {"img_size": cfg.input_size} if cfg.input_size else {}
+    raw = fastmae.create_model(cfg.model, norm_pix_loss=cfg.norm_pix_loss, impl=cfg.impl, **overrides)
+    raw = raw.to(env.device)
+    ddp, model = None, raw
+    if cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        mesh = init_device_mesh(env.device.type, (env.world,))
+        for block in [*raw.blocks, *raw.decoder_blocks]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(raw, mesh=mesh)  # the rest: patch embedding, tokens, norms, decoder_embed, decoder_pred
+    elif env.world > 1:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        ddp = model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids)
+    if cfg.compile:
+        model = torch.compile(model)
+    return raw, model, ddp
+
+
 def _train(cfg: TrainConfig, env: Dist) -> RunResult:
     out = Path(cfg.output_dir)
     device, cuda = env.device, env.device.type == "cuda"
@@ -338,23 +343,8 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
     if resume_path is None and ckpt_io.list_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints of another run: pass --resume auto or a new --output-dir")
 
-    # Data: rank r sees its DistributedSampler share; its views are drawn with seed + r.
-    try:
-        source = data.open_source(cfg.data_path)
-    except ValueError as e:
-        raise ConfigError(f"--data-path: {e}") from e
-    img_size = cfg.input_size or fastmae.get_config(cfg.model).img_size
-    length = cfg.views_per_epoch if cfg.data_path is None else None
-    dataset = data.RandomViews(source, img_size, seed=cfg.seed + env.rank, length=length)
-    sampler = data.ResumableDistributedSampler(dataset, env.world, env.rank, seed=cfg.seed)
-    workers = num_workers(cfg, device)
-    loader = data.build_loader(
-        dataset, sampler, cfg.batch_size, workers, cfg.pin_mem and cuda, seed=cfg.seed + env.rank
-    )
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # leave the loader workers their cores
-        torch.set_num_threads(max(1, cpus_per_rank() - workers))
-    micro_per_epoch = sampler.num_samples // cfg.batch_size
-    steps_per_epoch = micro_per_epoch // cfg.accum_iter
+    source, dataset, sampler, loader, img_size = build_data(cfg, env)
+    steps_per_epoch = sampler.num_samples // cfg.batch_size // cfg.accum_iter
     if steps_per_epoch == 0:
         raise ConfigError(
             f"an epoch of {len(dataset)} images gives {sampler.num_samples} per process, fewer than one optimizer "
@@ -365,48 +355,34 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
     eff_batch = cfg.batch_size * cfg.accum_iter * env.world
     peak_lr = cfg.lr if cfg.lr is not None else schedule.scaled_lr(cfg.blr, eff_batch)
 
-    # Model: the same initial weights on every rank (seed), then per-rank randomness (seed + rank).
-    seed_everything(cfg.seed)
-    overrides = {"img_size": cfg.input_size} if cfg.input_size else {}
-    raw = fastmae.create_model(cfg.model, norm_pix_loss=cfg.norm_pix_loss, impl=cfg.impl, **overrides).to(device)
-    expected_state = {k: v.detach().to("meta") for k, v in raw.state_dict().items()}
+    raw, model, ddp = build_model(cfg, env)
     seed_everything(cfg.seed + env.rank)
-    ddp = None
-    if cfg.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-        mesh = init_device_mesh(device.type, (env.world,))
-        for block in [*raw.blocks, *raw.decoder_blocks]:
-            fully_shard(block, mesh=mesh)
-        fully_shard(raw, mesh=mesh)  # the root: patch embedding, tokens, norms, decoder_embed/pred
-        model = raw
-    elif env.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if cuda else None)
-        model = ddp
-    else:
-        model = raw
-    if cfg.compile:
-        model = torch.compile(model)
     optimizer = schedule.build_adamw(raw, lr=peak_lr, weight_decay=cfg.weight_decay, fused=cuda)
     precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     trainable = [p for p in raw.parameters() if p.requires_grad]
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # Full (unsharded) state dicts, keyed by parameter name, the same for a plain, DDP or FSDP model.
+    full, full_on_cpu = StateDictOptions(full_state_dict=True), StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # Where a step lies in the data stream: a checkpoint resumes exactly when this layout is unchanged.
+    layout = dict(
+        steps_per_epoch=steps_per_epoch,
+        world_size=env.world,
+        batch_size=cfg.batch_size,
+        accum_iter=cfg.accum_iter,
+        epoch_len=len(dataset),
+        seed=cfg.seed,
+    )
 
-    # Resume: weights, optimizer, scaler, RNG, and the position in the data stream.
-    start_step, layout = 0, dict(
-        steps_per_epoch=steps_per_epoch, world_size=env.world, batch_size=cfg.batch_size,
-        accum_iter=cfg.accum_iter, epoch_len=len(dataset), seed=cfg.seed,
-    )  # fmt: skip
+    start_step = 0
     if resume_path is not None:
         ck = ckpt_io.load_checkpoint(resume_path)
-        ckpt_io.check_model_state(ck["model"], expected_state, resume_path)
+        shapes = {k: torch.empty(v.shape, device="meta") for k, v in raw.state_dict().items()}  # global shapes
+        ckpt_io.check_model_state(ck["model"], shapes, resume_path)
         try:
-            set_model_state_dict(raw, ck["model"], options=StateDictOptions(full_state_dict=True))
-            set_optimizer_state_dict(raw, optimizer, ck["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_model_state_dict(raw, ck["model"], options=full)
+            set_optimizer_state_dict(raw, optimizer, ck["optimizer"], options=full)
             if ck["scaler"]:
                 scaler.load_state_dict(ck["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
@@ -416,7 +392,7 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
             start_step = ck["step"]
             if len(ck.get("rng", [])) == env.world:
                 ckpt_io.set_rng_state(ck["rng"][env.rank])
-        elif pos["step_in_epoch"] == 0:
+        elif pos["step_in_epoch"] == 0:  # another layout (e.g. more GPUs) can start at an epoch boundary
             start_step = pos["epoch"] * steps_per_epoch
         else:
             raise ckpt_io.CheckpointError(
@@ -424,60 +400,58 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
                 "mid-epoch resume needs the same layout (or resume from an end-of-epoch checkpoint)"
             )
     if env.main:
-        (out / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), world_size=env.world,
-            eff_batch=eff_batch, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-            precision=precision, device=str(device), data=data.describe(source)), indent=2))  # fmt: skip
+        resolved = dict(eff_batch=eff_batch, peak_lr=peak_lr, total_steps=total_steps, precision=precision)
+        resolved.update(layout, device=str(device), data=data.describe(source))
+        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **resolved}, indent=2))
+        mode = "FSDP" if cfg.fsdp else "DDP" if ddp else "single process"
         print(
-            f"fastmae pretrain: {cfg.model} ({img_size}px) on {env.world}×{device.type} "
-            f"({'FSDP' if cfg.fsdp else 'DDP' if ddp else 'single'}, {precision}); data: {data.describe(source)}; "
-            f"eff. batch {eff_batch}, peak lr {peak_lr:.3g}, {steps_per_epoch} steps/epoch, steps "
-            f"{start_step}→{stop_step}{f', resumed from {resume_path}' if resume_path else ''}; output {out}",
+            f"fastmae pretrain: {cfg.model} ({img_size}px) on {env.world}×{device.type} ({mode}, {precision}); "
+            f"data: {data.describe(source)}; eff. batch {eff_batch}, peak lr {peak_lr:.3g}, {steps_per_epoch} "
+            f"steps/epoch, steps {start_step}→{stop_step}{f', resumed from {resume_path}' if resume_path else ''}; "
+            f"output {out}",
             flush=True,
         )
 
-    def full_model_state() -> dict:
-        return get_model_state_dict(raw, options=full)
-
-    def save(step: int) -> Path | None:
-        """All ranks gather; rank 0 writes ``checkpoint-<step>.pth`` atomically and prunes old ones."""
-        model_state, optim_state = full_model_state(), get_optimizer_state_dict(raw, optimizer, options=full)
-        rngs = [None] * env.world
+    def save(step: int) -> None:
+        """Every rank takes part in gathering; rank 0 writes ``checkpoint-<step>.pth`` and prunes old ones."""
+        model_state = get_model_state_dict(raw, options=full_on_cpu)
+        optim_state = get_optimizer_state_dict(raw, optimizer, options=full_on_cpu)
+        rngs = [ckpt_io.rng_state()]
         if dist.is_initialized():
+            rngs = [None] * env.world
             dist.all_gather_object(rngs, ckpt_io.rng_state())
-        else:
-            rngs = [ckpt_io.rng_state()]
-        path = None
         if env.main:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             state = {
-                "model": model_state, "optimizer": optim_state, "epoch": epoch - 1, "scaler": scaler.state_dict(),
-                "args": dataclasses.asdict(cfg), "step": step, "rng": rngs, "format": ckpt_io.FORMAT,
+                "model": model_state,
+                "optimizer": optim_state,
+                "epoch": epoch - 1,  # the last completed epoch, as the original counts
+                "scaler": scaler.state_dict(),
+                "args": dataclasses.asdict(cfg),
+                "step": step,
                 "position": dict(layout, epoch=epoch, step_in_epoch=in_epoch),
-            }  # fmt: skip  # "epoch" is the last completed epoch, as the original's
-            path = ckpt_io.atomic_save(state, ckpt_io.checkpoint_path(out, step))
+                "rng": rngs,
+                "format": ckpt_io.FORMAT,
+            }
+            ckpt_io.atomic_save(state, ckpt_io.checkpoint_path(out, step))
             ckpt_io.prune(out, cfg.keep_last)
         barrier()
-        return path
 
-    # A fixed batch and fixed masks, so that reconstructions over time are comparable.
+    # A fixed batch and fixed masks, so that the reconstructions of successive pictures are comparable.
     viz_imgs = data.center_views(source, img_size, 8).to(device)  # [n, 3, S, S]
     viz_noise = torch.rand(len(viz_imgs), raw.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
-    def render(step: int, metrics: Metrics | None) -> None:
-        if not (cfg.fsdp or env.main):  # FSDP's forward needs every rank; otherwise rank 0 alone draws
+    def render(step: int) -> None:
+        if not (cfg.fsdp or env.main):  # FSDP's forward needs every rank; otherwise rank 0 draws alone
             return
         with torch.no_grad(), autocast:
-            _, pred, mask = raw(viz_imgs, cfg.mask_ratio, viz_noise.to(device))
+            _, pred, mask = raw(viz_imgs, cfg.mask_ratio, viz_noise.to(device))  # pred [n, L, p²·3], mask [n, L]
         if env.main:
-            visualize.save_reconstructions(
-                out / f"recon-{step:08d}.png", viz_imgs, pred, mask, raw.patch_size, cfg.norm_pix_loss
-            )
-            recs = metrics.records
-            if recs:
-                visualize.save_loss_curve(out / "loss.png", [r["step"] for r in recs], [r["loss"] for r in recs])
+            path = out / f"recon-{step:08d}.png"
+            visualize.save_reconstructions(path, viz_imgs, pred, mask, raw.patch_size, cfg.norm_pix_loss)
+            metrics.save_loss_curve(out / "loss.png")
 
-    metrics = Metrics(out, start_step if resume_path else None, cfg.tensorboard) if env.main else None
+    metrics = visualize.MetricsLog(out, start_step if resume_path else None, cfg.tensorboard) if env.main else None
     bar = tqdm(total=stop_step, initial=start_step, disable=not (env.main and cfg.progress), dynamic_ncols=True)
     mask_gen = torch.Generator(device=device)
     losses: list[tuple[int, float]] = []
@@ -485,36 +459,35 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
     window = {"loss": 0.0, "n": 0, "t": time.perf_counter()}
     try:
         if step == 0:
-            render(0, metrics)
+            render(0)
         model.train()
         while step < stop_step:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, start=in_epoch * cfg.accum_iter * cfg.batch_size)
+            sampler.set_epoch(epoch, start=in_epoch * cfg.accum_iter * cfg.batch_size)  # skip what was consumed
             batches = iter(loader)
             while in_epoch < steps_per_epoch and step < stop_step:
-                lr = schedule.lr_at(epoch + in_epoch / steps_per_epoch, peak_lr, cfg.epochs, cfg.warmup_epochs,
-                                    cfg.min_lr)  # fmt: skip
+                t = epoch + in_epoch / steps_per_epoch
+                lr = schedule.lr_at(t, peak_lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr)
                 schedule.set_lr(optimizer, lr)
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(cfg.accum_iter):
                     imgs = next(batches).to(device, non_blocking=True)  # [B, 3, S, S]
+                    # The masks of (rank, step, micro-step) are fixed by the seed: the same after a resume.
                     mask_gen.manual_seed(derive_seed(cfg.seed + env.rank, step, micro))
                     noise = torch.rand(imgs.shape[0], raw.num_patches, generator=mask_gen, device=device)  # [B, L]
                     last = micro == cfg.accum_iter - 1
                     if cfg.fsdp:
                         raw.set_requires_gradient_sync(last)
-                    sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
-                    with sync:
+                    with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
                         with autocast:
                             loss, _, _ = model(imgs, cfg.mask_ratio, noise)
                         scaler.scale(loss / cfg.accum_iter).backward()
                     loss_sum += loss.detach().float()
                 scaler.unscale_(optimizer)
-                grads = [p.grad for p in trainable if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads)
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
                 if cfg.clip_grad:
                     torch.nn.utils.clip_grads_with_norm_(trainable, cfg.clip_grad, grad_norm)
-                if hasattr(grad_norm, "full_tensor"):
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
                     grad_norm = grad_norm.full_tensor()
                 loss_mean = loss_sum / cfg.accum_iter
                 if dist.is_initialized():
@@ -528,7 +501,7 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
                         f"(epoch {epoch}, lr {lr:.3g}); stopped before updating the weights. Last checkpoint: "
                         f"{ckpt_io.latest_checkpoint(out) or 'none'}. Try a lower --blr, --clip-grad or fp32."
                     )
-                scaler.step(optimizer)
+                scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step, in_epoch = step + 1, in_epoch + 1
@@ -537,31 +510,28 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
                 window["loss"] += loss_value
                 window["n"] += 1
                 if env.main and (step % cfg.log_every == 0 or step == stop_step):
-                    elapsed = time.perf_counter() - window["t"]
-                    img_s = window["n"] * eff_batch / max(elapsed, 1e-9)
-                    record = {
-                        "step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
-                        "loss": window["loss"] / window["n"], "grad_norm": norm_value, "img_per_s": img_s,
-                        "peak_mem_mb": peak_memory_mb(device), "time": time.time(),
-                    }  # fmt: skip
+                    img_s = window["n"] * eff_batch / max(time.perf_counter() - window["t"], 1e-9)
+                    record = dict(step=step, epoch=round(step / steps_per_epoch, 4), lr=lr)
+                    record.update(loss=window["loss"] / window["n"], grad_norm=norm_value, img_per_s=img_s)
+                    record.update(peak_mem_mb=peak_memory_mb(device), time=time.time())
                     metrics.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                     window.update(loss=0.0, n=0, t=time.perf_counter())
-                epoch_end = in_epoch == steps_per_epoch and cfg.save_every_epochs
+                epoch_done = in_epoch == steps_per_epoch and cfg.save_every_epochs
                 if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or (
-                    epoch_end and (epoch + 1) % cfg.save_every_epochs == 0
+                    epoch_done and (epoch + 1) % cfg.save_every_epochs == 0
                 ):
                     save(step)
                     last_saved = step
                 if cfg.viz_every and step % cfg.viz_every == 0:
-                    render(step, metrics)
+                    render(step)
             del batches
         if last_saved != step:
             save(step)
         if not (cfg.viz_every and step % cfg.viz_every == 0):
-            render(step, metrics)
-        state = full_model_state()
-        if env.main:
+            render(step)
+        state = get_model_state_dict(raw, options=full_on_cpu)
+        if env.main:  # the encoder alone, with timm VisionTransformer keys, for fine-tuning
             encoder = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
             ckpt_io.atomic_save({"model": encoder, "args": dataclasses.asdict(cfg)}, out / "encoder.pth")
     finally:
@@ -569,8 +539,7 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
         if metrics is not None:
             metrics.close()
     if env.main and losses:
-        first, last = losses[0][1], losses[-1][1]
-        print(f"done: step {step}, loss {first:.4f} → {last:.4f}; outputs in {out}", flush=True)
+        print(f"done: step {step}, loss {losses[0][1]:.4f} → {losses[-1][1]:.4f}; outputs in {out}", flush=True)
     return RunResult(step, losses, out, ckpt_io.latest_checkpoint(out), raw)
 
 
