@@ -215,3 +215,30 @@ def test_cli_entry_point_reports_bad_flags():
         [sys.executable, str(SCRIPT), "--batch-size", "0"], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 2 and "--batch-size must be >= 1" in proc.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_training(tmp_path, precision):
+    result = pretrain.train(tiny(tmp_path, device="cuda", precision=precision, num_workers=2, max_steps=10))
+    losses = [loss for _, loss in result.losses]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    state = ck.load_checkpoint(result.checkpoint)
+    assert bool(state["scaler"]) == (precision == "fp16")  # GradScaler only with fp16
+    assert all(group.get("fused") for group in state["optimizer"]["param_groups"])
+
+
+@pytest.mark.cuda
+def test_cuda_resume_is_exact(tmp_path):
+    straight = pretrain.train(tiny(tmp_path, "straight", device="cuda", max_steps=8))
+    pretrain.train(tiny(tmp_path, "split", device="cuda", max_steps=4))
+    resumed = pretrain.train(tiny(tmp_path, "split", device="cuda", max_steps=8, resume="auto"))
+    assert resumed.losses == straight.losses[4:]
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_training(tmp_path):
+    result = pretrain.train(tiny(tmp_path, device="cuda", compile=True, max_steps=6))
+    assert all(np.isfinite([loss for _, loss in result.losses]))

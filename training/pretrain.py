@@ -16,7 +16,8 @@ Commands (run from the repository root)::
     # ViT-H with parameters, gradients and optimizer state sharded (FSDP2) instead of replicated (DDP)
     torchrun --nproc_per_node=8 training/pretrain.py --model mae_vit_huge_patch14 --fsdp --data-path ... ...
 
-    # continue a killed run exactly where its newest checkpoint left it (same command plus --resume)
+    # continue a killed run exactly where its newest checkpoint left it (same command plus --resume; with
+    # 'auto' and no checkpoint yet it starts afresh, so a preemptible job can always pass it)
     torchrun --nproc_per_node=8 training/pretrain.py ... --output-dir runs/vitl --resume auto
 
 The original's flag spellings (``--batch_size``, ``--norm_pix_loss``, ``--data_path`` ...) are accepted too.
@@ -69,6 +70,7 @@ class TrainConfig:
     input_size: int | None = field(default=None, metadata={"help": "image side (default: the model's)"})
     mask_ratio: float = field(default=0.75, metadata={"help": "fraction of patches removed"})
     norm_pix_loss: bool = field(default=False, metadata={"help": "per-patch normalized pixel targets"})
+    pred_masked_only: bool = field(default=True, metadata={"help": "decode masked patches only (same loss)"})
     impl: str = field(default="auto", metadata={"help": "op implementation", "choices": ("auto", "triton", "eager")})
     data_path: str | None = field(default=None, metadata={"help": "ImageFolder root DIR (DIR/train/<class>/*)"})
     views_per_epoch: int = field(default=1024, metadata={"help": "views in an epoch of the embedded images"})
@@ -325,7 +327,8 @@ def build_model(cfg: TrainConfig, env: Dist):
         fully_shard(raw, mesh=mesh)  # the rest: patch embedding, tokens, norms, decoder_embed, decoder_pred
     elif env.world > 1:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        ddp = model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids)
+        ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids, gradient_as_bucket_view=True)
+        model = ddp
     if cfg.compile:
         model = torch.compile(model)
     return raw, model, ddp
@@ -480,7 +483,7 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
                         raw.set_requires_gradient_sync(last)
                     with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
                         with autocast:
-                            loss, _, _ = model(imgs, cfg.mask_ratio, noise)
+                            loss, _, _ = model(imgs, cfg.mask_ratio, noise, cfg.pred_masked_only)
                         scaler.scale(loss / cfg.accum_iter).backward()
                     loss_sum += loss.detach().float()
                 scaler.unscale_(optimizer)
