@@ -67,7 +67,7 @@ class TrainConfig:
     """Every knob of a run; each field is a command-line flag (``--batch-size`` or ``--batch_size``)."""
 
     model: str = field(default="mae_vit_large_patch16", metadata={"help": "model name (fastmae.list_configs())"})
-    input_size: int | None = field(default=None, metadata={"help": "image side (default: the model's)"})
+    input_size: int | None = field(default=None, metadata={"help": "image side (None: the model's)"})
     mask_ratio: float = field(default=0.75, metadata={"help": "fraction of patches removed"})
     norm_pix_loss: bool = field(default=False, metadata={"help": "per-patch normalized pixel targets"})
     pred_masked_only: bool = field(default=True, metadata={"help": "decode masked patches only (same loss)"})
