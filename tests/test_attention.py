@@ -1,0 +1,237 @@
+"""fastmae.kernels.attention against the eager op (fastmae.reference.attention) and the MAE model's eager path.
+
+Under the interpreter (no GPU): forward and dq, dk, dv for every listed N and head dim in fp32 and fp16, NaN-poisoned
+outputs, bitwise determinism, bad inputs, the model with impl="triton" vs "eager", and an sm_80/sm_90 compile of
+every kernel and config. On a GPU (``-m cuda``): bf16/fp16/fp32 at MAE's shapes, every autotune config, autocast
+and torch.compile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastmae.kernels import attention as attn
+from fastmae.kernels._common import poison_outputs
+
+from fastmae import reference
+from tests.compile_harness import KernelSpec, assert_compiles
+from tests.tolerance import assert_within_eager_error
+
+NS = (1, 7, 50, 65, 197, 257)
+DS = (32, 64, 80, 128)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_qkv(b: int, n: int, h: int, d: int, dtype: torch.dtype, seed: int, mult: float = 1.0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3 * h * d, generator=gen) * mult  # [B, N, 3·H·d]
+    dout = torch.randn(b, n, h * d, generator=gen)  # [B, N, H·d]
+    return qkv.to(device=device, dtype=dtype), dout.to(device=device, dtype=dtype)
+
+
+def run_kernel(qkv: torch.Tensor, dout: torch.Tensor, h: int, scale=None):
+    """Kernel output and dqkv, every buffer the kernels allocate NaN-poisoned."""
+    x = qkv.clone().requires_grad_()
+    with poison_outputs():
+        out = attn.attention(x, h, scale)
+        out.backward(dout)
+    return out.detach(), x.grad
+
+
+def run_eager(qkv: torch.Tensor, dout: torch.Tensor, h: int, scale=None, dtype=None):
+    x = qkv.to(dtype or qkv.dtype).clone().requires_grad_()
+    out = reference.attention(x, h, scale)
+    out.backward(dout.to(x.dtype))
+    return out.detach(), x.grad
+
+
+def parts(dqkv: torch.Tensor, h: int) -> dict[str, torch.Tensor]:
+    b, n, three_hd = dqkv.shape
+    g = dqkv.reshape(b, n, 3, h, three_hd // (3 * h))  # [B, N, 3, H, d]
+    return {"dq": g[:, :, 0], "dk": g[:, :, 1], "dv": g[:, :, 2]}
+
+
+def check_against_eager(b, n, h, d, dtype, scale=None, mult=1.0, seed=0):
+    qkv, dout = make_qkv(b, n, h, d, dtype, seed, mult)
+    out, dqkv = run_kernel(qkv, dout, h, scale)
+    out_hi, dqkv_hi = run_eager(qkv, dout, h, scale, torch.float64)
+    out_lo, dqkv_lo = run_eager(qkv, dout, h, scale)
+    tag = f"B={b} N={n} H={h} d={d} {dtype}"
+    assert out.dtype == dtype and dqkv.dtype == dtype
+    assert_within_eager_error(out, out_hi, out_lo, dtype, f"out {tag}")
+    got, hi, lo = parts(dqkv, h), parts(dqkv_hi, h), parts(dqkv_lo, h)
+    for name in ("dq", "dk", "dv"):
+        assert_within_eager_error(got[name], hi[name], lo[name], dtype, f"{name} {tag}")
+
+
+# ---- against the eager op under the interpreter (and on the GPU) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n,d", [(n, d) for n in NS for d in DS])
+def test_forward_and_grads_match_eager(n, d, dtype):
+    """Every listed N with every listed head dim (80 padded to 128 in registers); B·H = 3; default and set scale."""
+    i = NS.index(n) + DS.index(d)
+    b, h = (3, 1) if i % 2 else (1, 3)
+    check_against_eager(b, n, h, d, dtype, scale=None if i % 3 else 0.37, mult=1.5, seed=i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n,scale", [(257, None), (65, -0.6), (40, 0.9)])
+def test_peaked_and_negative_scale_softmax(n, scale, dtype):
+    """Large logits whose row maximum moves from key tile to key tile, a negative scale, a one-tile sequence."""
+    check_against_eager(1, n, 2, 64, dtype, scale=scale, mult=4.0, seed=n)
+
+
+def test_head_dim_16_and_long_sequence():
+    check_against_eager(2, 300, 1, 16, torch.float16, seed=5)
+
+
+@pytest.mark.parametrize("n,dtype", [(50, torch.float16), (65, torch.float16), (197, torch.float32)])
+def test_bitwise_deterministic(n, dtype):
+    qkv, dout = make_qkv(3, n, 1, 64, dtype, seed=3)
+    out_a, grad_a = run_kernel(qkv, dout, 1)
+    out_b, grad_b = run_kernel(qkv, dout, 1)
+    assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
+
+
+def test_strided_inputs_are_read_in_place():
+    """qkv as a slice of a wider buffer, and a stride-0 dout (from ``.sum()``), give the contiguous results."""
+    b, n, h, d = 2, 65, 2, 32
+    wide = torch.randn(b, n, 3 * h * d + 24, device=DEVICE, dtype=torch.float16)  # [B, N, 3·H·d + 24]
+    qkv = wide[..., 5 : 5 + 3 * h * d]
+    assert not qkv.is_contiguous() and qkv.stride(-1) == 1
+    x = qkv.clone().requires_grad_()
+    attn.attention(x, h).sum().backward()
+    y = qkv.requires_grad_()
+    out = attn.attention(y, h)
+    out.sum().backward()
+    assert torch.equal(out, attn.attention(x.detach(), h)) and torch.equal(y.grad, x.grad)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 9, 96, device=DEVICE, requires_grad=True)
+    out = attn.attention(x, 2)
+    out.sum().backward()
+    assert out.shape == (0, 9, 32) and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "make,heads,kwargs,exc,match",
+    [
+        (lambda: torch.randn(5, 96), 1, {}, ValueError, "3-D"),
+        (lambda: torch.randn(2, 5, 100), 1, {}, ValueError, "divisible by 3"),
+        (lambda: torch.randn(2, 5, 96), 4, {}, ValueError, r"head dim d = .* = 8 must be in \[16, 128\]"),
+        (lambda: torch.randn(2, 5, 3 * 256), 1, {}, ValueError, r"256 must be in \[16, 128\]"),
+        (lambda: torch.randn(2, 0, 96), 1, {}, ValueError, "N >= 1"),
+        (lambda: torch.randn(2, 5, 96).double(), 1, {}, TypeError, "float32, float16 or bfloat16"),
+        (lambda: torch.ones(2, 5, 96, dtype=torch.int64), 1, {}, TypeError, "float32, float16 or bfloat16"),
+        (lambda: [[0.0] * 96], 1, {}, TypeError, "torch.Tensor"),
+        (lambda: torch.randn(2, 5, 96), 0, {}, ValueError, "num_heads must be >= 1"),
+        (lambda: torch.randn(2, 5, 96), -2, {}, ValueError, "num_heads must be >= 1"),
+        (lambda: torch.randn(2, 5, 96), 2.0, {}, TypeError, "num_heads must be an int"),
+        (lambda: torch.randn(2, 5, 96), True, {}, TypeError, "num_heads must be an int"),
+        (lambda: torch.randn(2, 5, 96), 1, {"scale": "0.1"}, TypeError, "scale must be a float"),
+        (lambda: torch.randn(2, 5, 96), 1, {"scale": float("nan")}, ValueError, "scale must be finite"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(make, heads, kwargs, exc, match):
+    x = make()
+    x = x.to(DEVICE) if isinstance(x, torch.Tensor) else x
+    with pytest.raises(exc, match=match):
+        attn.attention(x, heads, **kwargs)
+
+
+def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setattr(attn, "_INTERPRETED", False)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        attn.attention(torch.randn(1, 4, 96), 1)
+
+
+def test_force_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown kernel names"):
+        with attn.force_config(bwd=0):
+            pass
+
+
+def test_model_triton_attention_matches_eager(monkeypatch):
+    """mae_vit_nano_patch8 (d = 32 encoder, 16 decoder; 17 and 65 tokens) with only attention on the kernel: same
+    loss, prediction and every parameter gradient as the eager model, within the tolerance rule (fp64 reference)."""
+    from fastmae import mae_vit_nano_patch8, ops
+
+    monkeypatch.delenv("FASTMAE_IMPL", raising=False)
+    calls = []
+    real = ops.triton_kernel
+
+    def only_attention(op):
+        if op != "attention":
+            return None
+        return lambda *args: calls.append(1) or real(op)(*args)
+
+    monkeypatch.setattr(ops, "triton_kernel", only_attention)
+    torch.manual_seed(0)
+    eager = mae_vit_nano_patch8(impl="eager").to(DEVICE)
+    models = {"eager": eager}
+    for name, impl, dtype in [("triton", "triton", torch.float32), ("fp64", "eager", torch.float64)]:
+        models[name] = mae_vit_nano_patch8(impl=impl).to(DEVICE, dtype)
+        models[name].load_state_dict(eager.state_dict())
+    imgs = torch.randn(2, 3, 64, 64, device=DEVICE)
+    noise = torch.rand(2, 64, device=DEVICE)
+    res = {}
+    for name, model in models.items():
+        dtype = next(model.parameters()).dtype
+        loss, pred, mask = model(imgs.to(dtype), noise=noise.to(dtype))
+        loss.backward()
+        res[name] = (loss.detach(), pred.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad})
+    assert len(calls) == len(eager.blocks) + len(eager.decoder_blocks)
+    for i, what in enumerate(("loss", "pred")):
+        assert_within_eager_error(res["triton"][i], res["fp64"][i], res["eager"][i], torch.float32, what)
+    grads = {name: r[2] for name, r in res.items()}
+    assert grads["triton"].keys() == grads["eager"].keys()
+    for k in grads["eager"]:
+        assert_within_eager_error(grads["triton"][k], grads["fp64"][k], grads["eager"][k], torch.float32, k)
+
+
+# ---- sm_80 / sm_90 compilation of every kernel and config ----------------------------------------------------------
+
+_PTRS = {"QKV", "Out", "DOut", "DQKV"}
+_F32_PTRS = {"Lse", "Delta"}
+_FLOATS = {"scale", "qk_scale"}
+_CONSTEXPRS = {"HEAD_DIM", "D_PAD", "PRECISION", "BLOCK", "TAIL"}
+
+
+def kernel_spec(name: str, cfg, dt: str, head_dim: int, tail: int) -> KernelSpec:
+    """The spec of kernel ``name`` (a key of ``attn.KERNELS``) in dtype ``dt`` with a ``tail``-long last tile."""
+    fn = attn.KERNELS[name]
+    kinds = [(_PTRS, f"*{dt}"), (_F32_PTRS, "*fp32"), (_FLOATS, "fp32"), (_CONSTEXPRS, "constexpr")]
+    sig = {a: next((t for names, t in kinds if a in names), "i32") for a in fn.arg_names}
+    block = tail if name == "bwd_fused" else attn.BLOCK_32 if dt == "fp32" else attn.BLOCK_16
+    consts = {
+        "HEAD_DIM": head_dim,
+        "D_PAD": max(16, 1 << (head_dim - 1).bit_length()),
+        "PRECISION": "tf32x3" if dt == "fp32" else "tf32",
+        "BLOCK": block,
+        "TAIL": tail,
+    }
+    consts = {k: v for k, v in consts.items() if k in sig}
+    label = f"{name}[{dt},d={head_dim},tail={tail},w{cfg.num_warps},s{cfg.num_stages}]"
+    return KernelSpec(attn.__name__, fn.fn.__name__, sig, consts, cfg.num_warps, cfg.num_stages, label=label)
+
+
+def all_specs() -> list[KernelSpec]:
+    """Every kernel and config: bf16 at ViT-H's d=80 (padded to 128) with the largest tail tile (the shared-memory
+    worst case), fp16 at the decoders' d=32 with a 16-row tail, fp32 at d=80 with its largest tail."""
+    specs = []
+    for name, cfgs in attn.CONFIGS.items():
+        for cfg in cfgs:
+            specs.append(kernel_spec(name, cfg, "bf16", 80, attn.BLOCK_16))
+            specs.append(kernel_spec(name, cfg, "fp16", 32, 16))
+    for name, cfgs in attn.CONFIGS_FP32.items():
+        specs += [kernel_spec(name, cfg, "fp32", 80, attn.BLOCK_32) for cfg in cfgs]
+    return specs
+
+
+def test_every_kernel_and_config_compiles_for_sm80_and_sm90():
+    results = assert_compiles(all_specs())
+    assert all(r["mma"] for r in results), [r["name"] for r in results if not r["mma"]]
+    assert all(r["wgmma"] for r in results if r["arch"] == 90 and "fp32" not in r["name"])
