@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint pretrain bench-dry venv clean
+.PHONY: test lint pretrain bench bench-dry venv clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,8 +13,10 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# The unit tests, then every bench body once at tiny sizes on whatever device is here (so the benches never rot).
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q benches/ --benchmark-disable
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -23,6 +25,10 @@ bench-dry: $(BIN)/.installed
 	$(BIN)/python -m pytest -q benches/ --benchmark-disable
 
 # The demo starts afresh each time (runs/demo is its own output folder).
+# The one-command GPU report (see BENCHMARKS.md).
+bench: $(BIN)/.installed
+	$(BIN)/python benches/report.py
+
 pretrain: $(BIN)/.installed
 	rm -rf runs/demo
 	$(BIN)/python training/pretrain.py --preset demo
