@@ -24,11 +24,11 @@ lint: $(BIN)/.installed
 bench-dry: $(BIN)/.installed
 	$(BIN)/python -m pytest -q benches/ --benchmark-disable
 
-# The demo starts afresh each time (runs/demo is its own output folder).
 # The one-command GPU report (see BENCHMARKS.md).
 bench: $(BIN)/.installed
 	$(BIN)/python benches/report.py
 
+# The demo starts afresh each time (runs/demo is its own output folder).
 pretrain: $(BIN)/.installed
 	rm -rf runs/demo
 	$(BIN)/python training/pretrain.py --preset demo
