@@ -3,57 +3,66 @@
 Math, per batch row b and head h, with q, k, v the ``[N, d]`` slices of ``qkv [B, N, 3, H, d]`` read in place
 through strides (no permute, no copy) and ``c = scale · log2(e)``:
 
-Forward (``_attn_fwd``, one program per query tile of ``BLOCK_M`` rows, looping over key tiles of ``BLOCK_N``)::
+Forward (``_attn_fwd``: one program per query tile, looping over key tiles)::
 
-    s2  = (q · kᵀ) · c                                   # base-2 logits, fp32
+    s2  = (q · kᵀ) · c                                          # base-2 logits, fp32
     m'  = max(m, rowmax(s2));  alpha = 2^(m − m');  p̃ = 2^(s2 − m')
     l   = alpha · l + rowsum(p̃);  acc = alpha · acc + p̃ · v     # online softmax, fp32 state
-    out = acc / l                 -> out [B, N, H·d] at columns h·d .. h·d+d-1 (the proj Linear's input)
-    lse = m + log2(l)             -> lse [B, H, N], fp32, base 2 (saved for the backward)
+    out = acc / l        -> out [B, N, H·d], columns h·d .. h·d+d-1 (the proj Linear's input layout)
+    lse = m + log2(l)    -> lse [B, H, N], fp32, base 2, saved for the backward
 
-Backward, given ``dout = ∂L/∂out [B, N, H·d]``, with ``p = 2^(q·kᵀ·c − lse)`` recomputed from the saved lse::
+Backward, given ``dout = ∂L/∂out [B, N, H·d]`` and ``p = 2^(q·kᵀ·c − lse)`` recomputed from the saved lse::
 
     dp = dout · vᵀ,  Delta = rowsum(dout ∘ out) = rowsum(p ∘ dp),  ds = p ∘ (dp − Delta) · scale
-    dv = pᵀ · dout,  dk = dsᵀ · q,  dq = ds · k   -> written straight into dqkv [B, N, 3·H·d]
+    dv = pᵀ · dout,  dk = dsᵀ · q,  dq = ds · k     -> written straight into dqkv [B, N, 3·H·d]
 
-* ``N <= 128`` (MAE's encoders, 50 and 65 tokens): ``_attn_bwd_fused``, one program per (b, h) holds the whole
-  head in one tile and does all five dots with no recomputation; Delta is rowsum(p ∘ dp), so ``out`` is not read.
-* ``N > 128`` (the decoders, 197 and 257 tokens): ``_attn_bwd_dq`` (one program per query tile: the Delta
-  preprocess from ``dout ∘ out`` for its rows, stored to an fp32 ``[B, H, N]`` buffer, then dq over all key tiles)
-  followed by ``_attn_bwd_dkdv`` (one program per key tile, looping over query tiles, reading Delta).
+* N <= 64 in fp16/bf16 (the ViT-B/L encoder's 50 tokens): ``_attn_bwd_fused``, one program per (b, h) holds the
+  whole head in one tile and does the five dots once; Delta = rowsum(p ∘ dp), so ``out`` is not even read.
+* otherwise: ``_attn_bwd_dq`` (one program per query tile: the Delta preprocess from ``dout ∘ out`` for its rows,
+  stored to an fp32 ``[B, H, N]`` buffer, then dq over all key tiles), then ``_attn_bwd_dkdv`` (one program per
+  key tile, looping over query tiles, reading Delta). dq is recomputed rather than accumulated across programs.
+Every element of out, lse, Delta and dqkv is written by exactly one program, in a fixed order: no atomics, and
+results are bitwise deterministic run to run.
 
-Every element of out, lse and dqkv is written by exactly one program, in a fixed order: no atomics, and results
-are bitwise deterministic run to run.
+Tiling (``tiling``): full tiles of BLOCK = 64 rows/keys (32 in fp32), then ONE tail tile of TAIL = the leftover
+``N mod BLOCK`` rounded up to a power of two >= 16, both in the owned dimension (the last program of a head runs
+the TAIL-row code path) and in the loop dimension (a masked last step). MAE's sequences are 1 token past a tile
+(65 = 64 + 1, 257 = 256 + 1) or 5 past (197), so a 16-wide tail instead of a 64/128-wide one cuts the padded
+work: 257 tokens cost 272² score entries rather than 320² (64 tiles) or 384² (128 tiles); 65 cost 80², not 128².
+Full tiles skip the row masks (only the d padding is masked). N <= 64 runs as one tile of next_pow2(N) >= 16.
 
-Constraints: head dim d in [16, 128] (80 for ViT-H/14 included); d is padded to ``D_PAD`` = next power of two in
-registers only, with masked loads and stores. Any N >= 1: rows and keys past N are masked (keys to -inf in the
-forward, p = 0 in the backward). A 1-D grid, tiles of one head adjacent, so a head's k and v stay in L2 while its
-tiles run, and B·H is not limited by CUDA's 65535 cap on grid dims 1 and 2.
+Constraints: head dim d in [16, 128] (ViT-H/14's 80 included); d is padded to ``D_PAD`` = next power of two in
+registers only, with masked loads and stores. Any N >= 1: rows and keys past N are masked (logits to -inf in the
+forward, p to 0 in the backward). A 1-D grid with a head's tiles adjacent, so its k and v stay in L2 while they
+run, and B·H is not limited by CUDA's 65535 cap on grid dims 1 and 2. int64 batch offsets.
 
 Precision: fp16/bf16 dots run on tensor cores with fp32 accumulation; p and ds are rounded to the input dtype
-before their dots (as the eager op rounds its probabilities). fp32 inputs use ``input_precision="ieee"`` dots
-(no TF32): eager fp32 matmuls on CUDA do not use TF32 by default, and TF32's ~1e-3 relative error would break
-the rule that the kernel's error stays within twice the eager error.
+before their dots (as the eager op rounds its probabilities). fp32 dots use ``input_precision="tf32x3"`` (three
+TF32 MMAs per product, ~2^-21 relative error per product): plain TF32 (~1e-3) would break the rule that the
+kernel's error stays within twice the eager fp32 op's (cuBLAS does not use TF32 by default), and IEEE FMA dots
+compile for minutes at 128-wide padded tiles and spill heavily. An emulation of 3xTF32 at MAE's shapes gives
+errors at or below eager fp32's. Under the interpreter every dot is an exact fp32 numpy matmul.
 
 Torch integration: the forward and the backward are each a ``torch.library.triton_op`` (``fastmae::attention_fwd``
-and ``fastmae::attention_bwd``) whose bodies launch the kernels through ``wrap_triton``; a
-``torch.autograd.Function`` with ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")`` ties them together.
-triton_op gives ``torch.compile`` a traceable op with an automatic fake implementation (no graph break, and
-Inductor sees and schedules the Triton kernels themselves), while the autograd.Function keeps autograd and AMP in
-the form every fastmae kernel uses. Under ``TRITON_INTERPRET=1`` the same ops and kernels run on the CPU; only the
-autotuner is bypassed there (the first config of the list, or one forced by :func:`force_config`), since
-benchmarking interpreted kernels is meaningless.
+and ``fastmae::attention_bwd``) launching the kernels through ``wrap_triton``, tied together by a
+``torch.autograd.Function`` with ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")``. triton_op gives
+``torch.compile`` a traceable op with an automatic fake implementation (no graph break) that Inductor decomposes
+into the Triton kernels themselves (it schedules and autotunes them), while the autograd.Function keeps autograd
+and AMP in the form every fastmae kernel uses. Under ``TRITON_INTERPRET=1`` (CPU) interpreted kernels cannot be
+traced into, so the same bodies are registered as opaque ``torch.library.custom_op``s instead (fake: the body with
+launches skipped); torch.compile (e.g. ``backend="aot_eager"``) still captures one graph, and the autotuner is
+bypassed (first config, or the one forced by :func:`force_config`).
 
-Tuning (H100, bf16; small autotune lists keyed by N bucket, tuned per (N, d, dtype)): B·H is in the thousands
-(B = 256, H = 12..16), so per-head parallelism is plenty and tiles are sized to waste few rows:
-* N <= 64 (ViT-B/L encoder, 50): one 64 x 64 tile, 4 warps (one Hopper warpgroup, wgmma m64), or 8.
-* N <= 128 (ViT-H encoder, 65): forward 64 x 128 with 4 warps or 128 x 128 with 8; the fused backward needs a
-  128 x 128 tile and 8 warps to hold s, dp and one fp32 accumulator in registers.
-* N <= 256 (decoders, 197): forward 64 x 64 / 128 x 64; backward owns 64 (or 128 with 8 warps) rows and loops
-  over 64-wide tiles, num_stages 2 to overlap the next tile's loads with the dots.
-* longer: 128 x 64 with 8 warps, 3 stages (the usual flash-attention shape on Hopper), or 64 x 64 with 4.
-All dots are ``tl.dot`` with M, N, K >= 16. Shared memory of every config (fp16/bf16, d padded to 128) stays under
-sm_80's limit; the tests compile every kernel and config for sm_80 and sm_90.
+Tuning (H100, bf16, not yet measured on a GPU): B·H is in the thousands (batch 256, 12..16 heads), so per-head
+parallelism is ample and tiles are sized to the sequence, not for long-sequence reuse. 64-row tiles map onto one
+Hopper warpgroup's wgmma (m64); k and v of a head are re-read by its 1..5 query programs from L2. Autotune
+candidates (keyed on N, d and dtype) differ only in launch options, so the tiling and tail sizes are fixed by N:
+4 warps (one warpgroup, fewer registers per tile, more resident CTAs) or 8 (two warpgroups splitting the 64-wide
+tile, shorter per-thread dependency chains); 2 stages where a loop over full tiles exists (197/257 tokens) to
+prefetch the next k/v (or q/dout) tile while the current one is in the tensor cores, 1 in the one-shot fused
+backward. With 16-byte aligned rows (3·H·d and H·d multiples of 8) all loads are 128-bit vectors; ptxas reports no
+spills for the fp16/bf16 configs on sm_90 except ~76 B in the 4-warp dK/dV kernel at d = 80/128. fp32 uses one
+small config per kernel (32-wide tiles, no autotuning; its operands take twice the shared memory).
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ import torch
 import triton
 import triton.language as tl
 from fastmae.kernels._common import check_float, empty
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 LOG2E = math.log2(math.e)
@@ -432,7 +442,10 @@ def _launch(name: str, dtype: torch.dtype, grid, args: tuple, consts: dict) -> N
         wrap_triton(tuner)[grid](*args, **consts)
         return
     cfg = tuner.configs[min(index or 0, len(tuner.configs) - 1)]
-    wrap_triton(tuner.fn)[grid](*args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not _INTERPRETED:
+        wrap_triton(tuner.fn)[grid](*args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):  # fake: see _op
+        tuner.fn[grid](*args, **consts)
 
 
 def _consts(dtype: torch.dtype, head_dim: int) -> dict:
@@ -440,7 +453,22 @@ def _consts(dtype: torch.dtype, head_dim: int) -> dict:
     return {"HEAD_DIM": head_dim, "D_PAD": triton.next_power_of_2(head_dim), "PRECISION": precision}
 
 
-@triton_op("fastmae::attention_fwd", mutates_args=())
+def _op(name: str):
+    """``triton_op`` (Inductor sees and schedules the kernels). Interpreted kernels launch eagerly and cannot be
+    traced into, so under ``TRITON_INTERPRET`` the op is an opaque ``custom_op`` instead, its fake implementation
+    the same body with the launches skipped (fake tensors have shapes only): torch.compile still traces it."""
+
+    def wrap(fn):
+        if not _INTERPRETED:
+            return triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+
+    return wrap
+
+
+@_op("fastmae::attention_fwd")
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """out ``[B, N, H·d]`` and the base-2 row logsumexp ``[B, H, N]`` (fp32) of validated, unit-stride ``qkv``."""
     b, n, three_hd = qkv.shape
@@ -455,7 +483,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torc
     return out, lse
 
 
-@triton_op("fastmae::attention_bwd", mutates_args=())
+@_op("fastmae::attention_bwd")
 def attention_bwd(
     qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, num_heads: int, scale: float
 ) -> torch.Tensor:

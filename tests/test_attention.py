@@ -192,6 +192,107 @@ def test_model_triton_attention_matches_eager(monkeypatch):
         assert_within_eager_error(grads["triton"][k], grads["fp64"][k], grads["eager"][k], torch.float32, k)
 
 
+class QKVAttention(torch.nn.Module):
+    """qkv Linear, the op, proj Linear: how a ViT block uses it."""
+
+    def __init__(self, dim: int, heads: int, fn=attn.attention):
+        super().__init__()
+        self.qkv, self.proj, self.heads, self.fn = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), heads, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // self.heads
+        return self.proj(self.fn(self.qkv(x), self.heads, d**-0.5))  # [B, N, D]
+
+
+def compiled_vs_eager(backend: str, n: int, dtype: torch.dtype = torch.float32):
+    """torch.compile(fullgraph=True) of a module using the op: one graph; output and gradients of both runs."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = QKVAttention(64, 2).to(DEVICE, dtype)
+    x = torch.randn(3, n, 64, device=DEVICE, dtype=dtype)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    results = []
+    for fn in (torch.compile(module, backend=counter, fullgraph=True), module):
+        module.zero_grad()
+        out = fn(x)
+        out.square().sum().backward()
+        results.append((out.detach(), module.qkv.weight.grad.clone(), module.proj.weight.grad.clone()))
+    assert counter.frame_count == 1
+    return results
+
+
+@pytest.mark.parametrize("n", [50, 197])
+def test_torch_compile_fullgraph_traces_the_op(n):
+    """Dynamo and AOTAutograd trace autograd.Function + custom_fwd + the ops in one graph (the interpreter's
+    opaque ops run the kernels); compiled and eager runs agree bitwise."""
+    compiled, eager = compiled_vs_eager("aot_eager", n)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+
+# ---- GPU only -------------------------------------------------------------------------------------------------------
+
+MAE_SHAPES = [(50, 12, 64), (50, 16, 64), (65, 16, 80), (197, 16, 32), (257, 16, 32)]  # (N, H, d) of ViT-B/L/H
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("n,h,d", MAE_SHAPES)
+def test_mae_shapes_cuda(n, h, d, dtype):
+    """Encoder and decoder shapes at batch 8 (autotuned configs), and a second run for races: bitwise equal."""
+    check_against_eager(8, n, h, d, dtype, seed=n + d)
+    qkv, dout = make_qkv(8, n, h, d, dtype, seed=1)
+    out_a, grad_a = run_kernel(qkv, dout, h)
+    out_b, grad_b = run_kernel(qkv, dout, h)
+    assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(attn.CONFIGS))
+def test_every_config_cuda(name):
+    """Each autotune candidate, forced, at a shape where that kernel runs with full and tail tiles."""
+    n = 50 if name == "bwd_fused" else 197
+    for index in range(len(attn.CONFIGS[name])):
+        with attn.force_config(**{name: index}):
+            for dtype, d in [(torch.bfloat16, 80), (torch.float16, 32)]:
+                check_against_eager(5, n, 3, d, dtype, seed=index)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [50, 197])
+def test_autocast_cuda(n):
+    """Under bf16 autocast the fp32 module's qkv Linear feeds the op bf16; output and weight gradients match the
+    eager op under the same autocast within the rule (reference: the fp64 module)."""
+    torch.manual_seed(0)
+    modules = {"kernel": QKVAttention(128, 4).cuda(), "eager": QKVAttention(128, 4, reference.attention).cuda()}
+    modules["fp64"] = QKVAttention(128, 4, reference.attention).cuda().double()
+    for m in modules.values():
+        m.load_state_dict(modules["kernel"].state_dict())
+    x = torch.randn(4, n, 128, device="cuda")
+    res = {}
+    for name, m in modules.items():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name != "fp64"):
+            out = m(x.double() if name == "fp64" else x)
+        assert out.dtype == (torch.float64 if name == "fp64" else torch.bfloat16)
+        out.float().square().sum().backward()
+        res[name] = [out.detach().float(), m.qkv.weight.grad.float(), m.qkv.bias.grad.float()]
+    assert modules["kernel"].qkv.weight.grad.dtype == torch.float32
+    for i, what in enumerate(("out", "qkv.weight.grad", "qkv.bias.grad")):
+        assert_within_eager_error(res["kernel"][i], res["fp64"][i], res["eager"][i], torch.bfloat16, what)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("n", [50, 65, 197])
+def test_torch_compile_inductor_cuda(n, dtype):
+    """Inductor, fullgraph: the triton_op decomposes into the kernels; forward and backward match eager."""
+    compiled, eager = compiled_vs_eager("inductor", n, dtype)
+    atol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=atol * max(1.0, b.abs().max().item()), rtol=0)
+
+
 # ---- sm_80 / sm_90 compilation of every kernel and config ----------------------------------------------------------
 
 _PTRS = {"QKV", "Out", "DOut", "DQKV"}
@@ -232,6 +333,9 @@ def all_specs() -> list[KernelSpec]:
 
 
 def test_every_kernel_and_config_compiles_for_sm80_and_sm90():
-    results = assert_compiles(all_specs())
+    specs = all_specs()
+    results = assert_compiles(specs)
     assert all(r["mma"] for r in results), [r["name"] for r in results if not r["mma"]]
-    assert all(r["wgmma"] for r in results if r["arch"] == 90 and "fp32" not in r["name"])
+    # fp16/bf16 64-row tiles use Hopper's warpgroup MMA (16-row tiles and fp32's 3xTF32 use mma.sync)
+    wide = {s.name() for s in specs if s.constexprs["BLOCK"] >= 64 and s.signature["QKV"] != "*fp32"}
+    assert wide and all(r["wgmma"] for r in results if r["arch"] == 90 and r["name"] in wide)
