@@ -396,8 +396,26 @@ def _tuner(fn, configs: list[triton.Config]):
     return triton.autotune(configs=configs, key=["N", "HEAD_DIM", "TAIL"])(fn)
 
 
-_TUNERS = {name: _tuner(KERNELS[name], cfgs) for name, cfgs in CONFIGS.items()}
-_TUNERS_FP32 = {name: _tuner(KERNELS[name], cfgs) for name, cfgs in CONFIGS_FP32.items()}
+_FWD = _tuner(_attn_fwd, CONFIGS["fwd"])
+_FWD_FP32 = _tuner(_attn_fwd, CONFIGS_FP32["fwd"])
+_BWD_FUSED = _tuner(_attn_bwd_fused, CONFIGS["bwd_fused"])
+_BWD_DQ = _tuner(_attn_bwd_dq, CONFIGS["bwd_dq"])
+_BWD_DQ_FP32 = _tuner(_attn_bwd_dq, CONFIGS_FP32["bwd_dq"])
+_BWD_DKDV = _tuner(_attn_bwd_dkdv, CONFIGS["bwd_dkdv"])
+_BWD_DKDV_FP32 = _tuner(_attn_bwd_dkdv, CONFIGS_FP32["bwd_dkdv"])
+
+
+def _tuner_for(name: str, fp32: bool):
+    """The autotuned kernel ``name`` for fp32 or for fp16/bf16 operands. (Named globals, not a dict comprehension:
+    torch.library finds a triton_op's kernels by reading its source, for torch.compile's cache keys.)"""
+    tuners = {
+        "fwd": (_FWD, _FWD_FP32),
+        "bwd_fused": (_BWD_FUSED, None),
+        "bwd_dq": (_BWD_DQ, _BWD_DQ_FP32),
+        "bwd_dkdv": (_BWD_DKDV, _BWD_DKDV_FP32),
+    }
+    return tuners[name][fp32]
+
 
 # triton.jit turned the kernels into interpreted functions when this was set at import.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -436,7 +454,7 @@ def force_config(**index: int) -> Iterator[None]:
 
 def _launch(name: str, dtype: torch.dtype, grid, args: tuple, consts: dict) -> None:
     """Launch kernel ``name`` autotuned, or with its forced / first config without benchmarking."""
-    tuner = (_TUNERS_FP32 if dtype == torch.float32 else _TUNERS)[name]
+    tuner = _tuner_for(name, dtype == torch.float32)
     index = _forced.get(name)
     if index is None and not _INTERPRETED:
         wrap_triton(tuner)[grid](*args, **consts)

@@ -8,6 +8,10 @@ and torch.compile.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from fastmae.kernels import attention as attn
@@ -81,6 +85,13 @@ def test_forward_and_grads_match_eager(n, d, dtype):
 def test_peaked_and_negative_scale_softmax(n, scale, dtype):
     """Large logits whose row maximum moves from key tile to key tile, a negative scale, a one-tile sequence."""
     check_against_eager(1, n, 2, 64, dtype, scale=scale, mult=4.0, seed=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n", [16, 64, 128])
+def test_exact_tile_multiples(n, dtype):
+    """No tail tile: N a multiple of the 64 (fp32: 32) block, or exactly one fused tile."""
+    check_against_eager(1, n, 3, 48, dtype, seed=n)
 
 
 def test_head_dim_16_and_long_sequence():
@@ -229,6 +240,21 @@ def test_torch_compile_fullgraph_traces_the_op(n):
     opaque ops run the kernels); compiled and eager runs agree bitwise."""
     compiled, eager = compiled_vs_eager("aot_eager", n)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+
+def test_compiled_build_registers_triton_ops_with_their_kernels():
+    """Without the interpreter (as on a GPU) the ops are triton_ops and torch.library finds every kernel in their
+    bodies (torch.compile's cache keys hash those sources). Imported in a subprocess: this one is interpreted."""
+    code = (
+        "import torch._library.triton as t, fastmae.kernels.attention as a\n"
+        "for op in ('fastmae::attention_fwd', 'fastmae::attention_bwd'):\n"
+        "    print(sorted({k.fn.__name__ for k in t.get_triton_kernels_for_op(op)}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = str(sorted(fn.fn.__name__ for fn in attn.KERNELS.values()))
+    assert proc.stdout.splitlines()[-2:] == [names, names]
 
 
 # ---- GPU only -------------------------------------------------------------------------------------------------------
