@@ -552,7 +552,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     Args:
         qkv: ``[B, N, 3·H·d]`` float32/float16/bfloat16 on CUDA (or the CPU under ``TRITON_INTERPRET=1``), the
             qkv Linear's output viewed as ``[B, N, 3, H, d]``; 16 <= d <= 128, N >= 1. Read in place (a copy is
-            made only when its last dim is not unit-stride).
+            made only when its last dim is not unit-stride). Under CUDA autocast float32 is cast to its dtype.
         num_heads: H >= 1.
         scale: the logit scale, ``d ** -0.5`` when None.
 
@@ -575,6 +575,8 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
         raise ValueError(f"head dim d = {three_hd} / (3 * {num_heads}) = {d} must be in [16, 128]")
     if n < 1:
         raise ValueError(f"qkv must hold at least one token (N >= 1), got shape {tuple(qkv.shape)}")
+    if n * max(qkv.stride(1), three_hd) >= 2**31:
+        raise ValueError(f"qkv with N = {n} tokens of row stride {qkv.stride(1)} overflows the kernels' int32 offsets")
     if scale is None:
         scale = d**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -583,6 +585,8 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
         raise ValueError(f"scale must be finite, got {scale}")
     if qkv.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"qkv must be a CUDA tensor (got one on {qkv.device}); set TRITON_INTERPRET=1 for the CPU")
+    if qkv.is_cuda and qkv.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        qkv = qkv.to(torch.get_autocast_dtype("cuda"))  # as autocast runs SDPA and matmuls: in its dtype
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     return _Attention.apply(qkv, num_heads, float(scale))

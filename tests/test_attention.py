@@ -138,6 +138,7 @@ def test_empty_batch():
         (lambda: torch.randn(2, 5, 96).double(), 1, {}, TypeError, "float32, float16 or bfloat16"),
         (lambda: torch.ones(2, 5, 96, dtype=torch.int64), 1, {}, TypeError, "float32, float16 or bfloat16"),
         (lambda: [[0.0] * 96], 1, {}, TypeError, "torch.Tensor"),
+        (lambda: torch.randn(1, 1, 96).expand(1, 2**30, 96), 1, {}, ValueError, "int32 offsets"),
         (lambda: torch.randn(2, 5, 96), 0, {}, ValueError, "num_heads must be >= 1"),
         (lambda: torch.randn(2, 5, 96), -2, {}, ValueError, "num_heads must be >= 1"),
         (lambda: torch.randn(2, 5, 96), 2.0, {}, TypeError, "num_heads must be an int"),
@@ -289,7 +290,7 @@ def test_every_config_cuda(name):
 @pytest.mark.parametrize("n", [50, 197])
 def test_autocast_cuda(n):
     """Under bf16 autocast the fp32 module's qkv Linear feeds the op bf16; output and weight gradients match the
-    eager op under the same autocast within the rule (reference: the fp64 module)."""
+    eager op under the same autocast within the rule (reference: the fp64 module). fp32 qkv is cast like SDPA's."""
     torch.manual_seed(0)
     modules = {"kernel": QKVAttention(128, 4).cuda(), "eager": QKVAttention(128, 4, reference.attention).cuda()}
     modules["fp64"] = QKVAttention(128, 4, reference.attention).cuda().double()
@@ -304,6 +305,11 @@ def test_autocast_cuda(n):
         out.float().square().sum().backward()
         res[name] = [out.detach().float(), m.qkv.weight.grad.float(), m.qkv.bias.grad.float()]
     assert modules["kernel"].qkv.weight.grad.dtype == torch.float32
+    x32 = torch.randn(2, n, 3 * 128, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = attn.attention(x32, 4)
+    out.float().sum().backward()
+    assert out.dtype == torch.float16 and x32.grad.dtype == torch.float32 and torch.isfinite(x32.grad).all()
     for i, what in enumerate(("out", "qkv.weight.grad", "qkv.bias.grad")):
         assert_within_eager_error(res["kernel"][i], res["fp64"][i], res["eager"][i], torch.bfloat16, what)
 
