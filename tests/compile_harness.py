@@ -44,6 +44,9 @@ class KernelSpec:
         constexprs: values of the ``"constexpr"`` arguments.
         num_warps, num_stages: launch options.
         label: a short name for messages.
+        aligned: arguments assumed divisible by 16 (pointers: 16-byte aligned), as Triton's launcher specializes
+            them at run time, which turns on vectorized loads and pipelining (and so more shared memory). None
+            means every pointer argument, which is what freshly allocated tensors give.
     """
 
     module: str
@@ -53,6 +56,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    aligned: tuple[str, ...] | None = None
 
     def name(self) -> str:
         cfg = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
@@ -95,10 +99,14 @@ for spec in specs:
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     while not isinstance(fn, JITFunction):
         fn = fn.fn
+    aligned = spec["aligned"]
+    if aligned is None:
+        aligned = [k for k, t in spec["signature"].items() if t.startswith("*")]
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     for arch in archs:
         res = {"name": spec["name"], "arch": arch, "ok": False}
         try:
-            src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
+            src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
             opts = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
             k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
             ptx = k.asm["ptx"]
