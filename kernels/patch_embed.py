@@ -41,8 +41,9 @@ cls_token.dtype)``; under autocast with MAE's fp32 ``pos_embed`` that is fp32, e
 
 ``pos_embed`` is MAE's fixed sin-cos table: its gradient is not computed, and a ``pos_embed`` that requires grad
 (with grad mode on) is refused with a ValueError; use :func:`fastmae.reference.patch_embed_visible` for a learned
-one. ``ids_keep`` is range-checked on the host (one device-to-host sync per call; skipped during CUDA-graph
-capture, where an out-of-range index gives NaN rows instead of a memory fault). H and W must be multiples of P.
+one. ``ids_keep`` is range-checked on the host (one device-to-host sync per call; skipped under ``torch.compile``
+and during CUDA-graph capture, where an out-of-range index gives NaN rows instead of a memory fault). H and W
+must be multiples of P.
 
 Tuning: tile shapes come from the shapes and dtypes alone (:func:`_config_name`: 128×128 tiles with a 64-deep
 reduction tile for D ≥ 256 and 1024+ kept patches, 32-deep when an operand is stored in fp32; 32×32×32 for
@@ -371,7 +372,7 @@ def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.d
                 f"imgs, weight and bias must share one dtype outside autocast, got {imgs.dtype}, {weight.dtype} and "
                 f"{bias.dtype}"
             )
-    capturing = imgs.is_cuda and torch.cuda.is_current_stream_capturing()
+    capturing = torch.compiler.is_compiling() or (imgs.is_cuda and torch.cuda.is_current_stream_capturing())
     if ids_keep.numel() and not capturing:
         lo, hi = torch.stack(torch.aminmax(ids_keep)).tolist()  # one device-to-host copy
         if lo < 0 or hi >= num_patches:
