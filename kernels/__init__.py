@@ -6,6 +6,8 @@ the eager op in :mod:`fastmae.reference`. Nothing here imports fastmae's model c
 
 - ``patch_embed.patch_embed_visible``: patchify + gather of the visible patches fused with the embedding GEMM.
 - ``attention.attention``: flash attention from the packed qkv projection, for MAE's short sequences.
-- ``masked_mse.masked_mse_loss``: the masked-only, per-patch normalized MSE read straight from the image.
+- ``masked_mse.masked_mse_loss``: the masked-only, per-patch normalized MSE read straight from the image;
+  ``masked_mse.masked_mse_loss_rows`` scores predictions made for the masked patches only, and
+  ``masked_mse.check_mask_errors`` raises a pending all-zero-mask error found on the GPU.
 - ``decoder_assembly.decoder_assemble``: visible tokens + mask tokens, unshuffled, + positions, in one pass.
 """
