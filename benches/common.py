@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fastmae import get_config
+
 HAS_CUDA = torch.cuda.is_available()
 
 MODES = ("fwd", "fwd+bwd")
@@ -107,6 +109,15 @@ class ModelShape:
             norm_pix_loss=NORM_PIX_LOSS,
         )
 
+    @classmethod
+    def from_config(cls, name: str, config: str, batch: int) -> ModelShape:
+        """The shape of fastmae's named config (see :func:`fastmae.list_configs`) at ``batch``."""
+        c = get_config(config)
+        return cls(
+            name, c.img_size, c.patch_size, c.embed_dim, c.depth, c.num_heads, c.decoder_embed_dim,
+            c.decoder_depth, c.decoder_num_heads, batch, chans=c.in_chans, mlp_ratio=c.mlp_ratio,
+        )  # fmt: skip
+
     def with_batch(self, batch: int) -> ModelShape:
         return ModelShape(**{**asdict(self), "batch": batch})
 
@@ -115,9 +126,9 @@ class ModelShape:
 
 
 GPU_MODELS = {
-    "vit_b16": ModelShape("vit_b16", 224, 16, 768, 12, 12, 512, 8, 16, batch=256),
-    "vit_l16": ModelShape("vit_l16", 224, 16, 1024, 24, 16, 512, 8, 16, batch=256),
-    "vit_h14": ModelShape("vit_h14", 224, 14, 1280, 32, 16, 512, 8, 16, batch=256),
+    "vit_b16": ModelShape.from_config("vit_b16", "mae_vit_base_patch16", batch=256),
+    "vit_l16": ModelShape.from_config("vit_l16", "mae_vit_large_patch16", batch=256),
+    "vit_h14": ModelShape.from_config("vit_h14", "mae_vit_huge_patch14", batch=256),
 }
 # The CPU dry run: 16 patches of 8×8×3, 4 visible; encoder 5 tokens (head dim 32), decoder 17 tokens (head dim 16).
 TINY_MODELS = {"tiny": ModelShape("tiny", 32, 8, 64, 2, 2, 32, 1, 2, batch=2)}
