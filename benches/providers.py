@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from fastmae import ops, reference
 from fastmae.masking import random_masking
@@ -204,12 +203,8 @@ def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None
     """The eager model's attention from packed qkv, with SDPA restricted to ``backend``."""
     from torch.nn.attention import sdpa_kernel
 
-    b, n, three_hd = qkv.shape
-    d = three_hd // (3 * num_heads)
-    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
     with sdpa_kernel(backend):
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, N, d]
-    return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
+        return ops.sdpa_attention(qkv, num_heads, scale)  # [B, N, H·d]
 
 
 def kernel_or_unavailable(op: str, device: torch.device) -> Callable:
@@ -269,10 +264,6 @@ def _results(fn: Callable, args: tuple, grad_idx: tuple[int, ...], grad_out: tor
     return [out.detach(), *[g.detach() for g in grads]]
 
 
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
-
-
 def check_op(case: OpCase, fn: Callable, dtype: torch.dtype) -> dict:
     """Compare ``fn``'s output and every gradient with the eager op, by the tests' tolerance rule.
 
@@ -281,7 +272,7 @@ def check_op(case: OpCase, fn: Callable, dtype: torch.dtype) -> dict:
     """
     from fastmae.kernels._common import poison_outputs
 
-    from tests.tolerance import ATOL
+    from tests.tolerance import ATOL, max_err
 
     ref = REFERENCE[case.op]
     with poison_outputs():
@@ -292,8 +283,8 @@ def check_op(case: OpCase, fn: Callable, dtype: torch.dtype) -> dict:
     for name, g, low, high in zip(case.grad_names, got, lo, hi, strict=True):
         finite = bool(torch.isfinite(g).all())
         shape_ok = tuple(g.shape) == tuple(high.shape)
-        err = _max_err(g, high) if shape_ok else float("inf")
-        eager_err = _max_err(low, high)
+        err = max_err(g, high) if shape_ok else float("inf")
+        eager_err = max_err(low, high)
         bound = 2 * eager_err + ATOL[dtype]
         rows.append(
             {
