@@ -16,8 +16,9 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -69,13 +70,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically: temporary file in the same folder, fsync, ``os.replace``,
-    fsync of the folder. On any error the temporary file is removed and ``path`` is untouched.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file in the same folder, which is flushed,
+    fsync'ed and renamed over ``path``, then the folder is fsync'ed. On any error the temporary file is removed
+    and ``path`` is untouched, so a reader never sees half a file.
 
     Args:
-        obj: what to save.
         path: the destination; its folder is created when missing.
+        write: fills the open binary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ def atomic_save(obj, path: str | Path) -> Path:
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -93,6 +95,11 @@ def atomic_save(obj, path: str | Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def remove_stale_temps(output_dir: str | Path) -> list[Path]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import reference
+from .checkpoint import atomic_write
 from .data import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
 COLUMNS = ("original", "masked", "reconstruction", "recon. + visible")
@@ -104,16 +104,8 @@ def grid_image(columns: Sequence[torch.Tensor], titles: Sequence[str] = COLUMNS,
 
 
 def _save_png(img: Image.Image, path: str | Path) -> Path:
-    """Write ``img`` as a PNG through a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write ``img`` as a PNG atomically, so a reader never sees half a file."""
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_reconstructions(
@@ -235,9 +227,7 @@ class MetricsLog:
                     record = json.loads(line)
                     if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
                         self.records.append(record)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.records).encode()))
         self.file = self.path.open("a")
         self.tb = None
         if tensorboard:
