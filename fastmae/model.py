@@ -18,6 +18,11 @@ from .pos_embed import sincos_2d
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
+def encoder_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's entries of a full MAE state dict, with timm ``VisionTransformer`` keys (no ``mask_token``)."""
+    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+
+
 class LoadResult(NamedTuple):
     """What :meth:`MAE.load_pretrained` did not match: keys the model has that the file lacks, and the reverse."""
 
@@ -253,7 +258,7 @@ class MAE(nn.Module):
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights with timm ``VisionTransformer`` keys (no ``mask_token``, no decoder)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+        return encoder_state(self.state_dict())
 
 
 def create_model(name: str, **kwargs) -> MAE:

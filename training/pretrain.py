@@ -59,7 +59,7 @@ from tqdm import tqdm
 import fastmae
 from fastmae import checkpoint as ckpt_io
 from fastmae import data, schedule, visualize
-from fastmae.model import ENCODER_PREFIXES
+from fastmae.model import encoder_state
 
 
 @dataclass
@@ -535,8 +535,7 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
             render(step)
         state = get_model_state_dict(raw, options=full_on_cpu)
         if env.main:  # the encoder alone, with timm VisionTransformer keys, for fine-tuning
-            encoder = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
-            ckpt_io.atomic_save({"model": encoder, "args": dataclasses.asdict(cfg)}, out / "encoder.pth")
+            ckpt_io.atomic_save({"model": encoder_state(state), "args": dataclasses.asdict(cfg)}, out / "encoder.pth")
     finally:
         bar.close()
         if metrics is not None:
