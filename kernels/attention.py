@@ -69,13 +69,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import check_float, empty
+from fastmae.kernels._common import check_float, empty, interpreting
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
@@ -418,7 +417,7 @@ def _tuner_for(name: str, fp32: bool):
 
 
 # triton.jit turned the kernels into interpreted functions when this was set at import.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRETED = interpreting()
 _forced: dict[str, int] = {}
 
 

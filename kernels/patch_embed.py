@@ -54,12 +54,10 @@ adjacent, so the gathered A tile is re-read from L2.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import check_float, check_same_device, empty
+from fastmae.kernels._common import check_float, check_same_device, empty, interpreting
 
 # Compute dtype codes passed to the kernels as the constexpr CT.
 CT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -318,10 +316,6 @@ def _geometry(imgs: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
     return n, c, d, p, w // p, (h // p) * (w // p), c * p * p
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.dtype:
     """Validate a call; return the GEMM's compute dtype (the autocast dtype under autocast, else imgs.dtype)."""
     for name, t in (("imgs", imgs), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
@@ -351,7 +345,7 @@ def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.d
     if tuple(cls_token.shape) != (1, 1, d):
         raise ValueError(f"cls_token must be [1, 1, D] = [1, 1, {d}], got shape {list(cls_token.shape)}")
     check_same_device(imgs=imgs, ids_keep=ids_keep, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
-    if not imgs.is_cuda and not _interpreting():
+    if not imgs.is_cuda and not interpreting():
         raise ValueError(
             f"patch_embed_visible runs on CUDA tensors (got {imgs.device}); set TRITON_INTERPRET=1 for CPU"
         )
