@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint pretrain bench bench-dry venv clean
+.PHONY: test test-capability lint pretrain bench bench-dry venv clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,10 +13,20 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# Tests run on every core (pytest-xdist); modules with a module-scoped run stay on one worker (xdist_group).
+XDIST := -n auto --dist loadgroup
+
 # The unit tests, then every bench body once at tiny sizes on whatever device is here (so the benches never rot).
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
-	$(BIN)/python -m pytest -q benches/ --benchmark-disable
+	$(BIN)/python -m pytest -q $(XDIST)
+	$(BIN)/python -m pytest -q $(XDIST) benches/ --benchmark-disable
+
+# The numerical kernel tests again under another ATen CPU kernel set (the eager fp32 references they compare
+# against differ between AVX-512, AVX2 and plain builds): CAPABILITY=default|avx2|avx512.
+CAPABILITY ?= default
+test-capability: $(BIN)/.installed
+	ATEN_CPU_CAPABILITY=$(CAPABILITY) $(BIN)/python -m pytest -q $(XDIST) tests/test_attention.py \
+		tests/test_masked_mse.py -k "not compiles"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

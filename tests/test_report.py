@@ -22,6 +22,9 @@ from fastmae import ops
 ROOT = Path(__file__).resolve().parents[1]
 TINY = common.TINY_MODELS["tiny"]
 CPU = torch.device("cpu")
+
+# The module-scoped dry run is built once: keep the module on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("report")
 STATUSES = {"ok", "error", "skipped", "unavailable"}
 
 
