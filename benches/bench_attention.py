@@ -1,19 +1,11 @@
-"""Attention from the packed qkv to the proj-ready ``[B, N, H·d]`` at the encoder and decoder shapes.
-
-Providers: the eager math, ``torch.compile`` of it, fastmae's kernel, and each SDPA backend (flash, efficient,
-cuDNN, math) chosen explicitly with ``sdpa_kernel``, fed through the eager model's permutes and copies.
-Target (H100, bf16): forward+backward at least 1.2× the best SDPA backend at both shapes.
-TFLOP/s over ``4·B·H·N²·d`` forward, 3.5× that for forward+backward.
-"""
+"""Attention from the packed qkv to ``[B, N, H·d]`` at the encoder and decoder shapes, for every provider
+(eager, ``torch.compile``, fastmae's kernel and each SDPA backend chosen with ``sdpa_kernel``), fwd and fwd+bwd."""
 
 import pytest
 
-from benches import common
+from benches import harness
 
 
-@pytest.mark.parametrize("provider", common.OP_PROVIDERS["attention"])
-@pytest.mark.parametrize("mode", common.MODES)
-@pytest.mark.parametrize("stage", common.STAGES)
-@pytest.mark.parametrize("model", common.model_params())
-def test_attention(bench_op, model, stage, mode, provider):
-    bench_op("attention", model, mode, provider, stage)
+@pytest.mark.parametrize(harness.PARAMS, harness.params("attention"))
+def test_attention(bench, model, stage, mode, provider):
+    bench("attention", model, stage, mode, provider)

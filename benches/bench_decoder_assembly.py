@@ -1,15 +1,10 @@
-"""The decoder's input (visible tokens + mask tokens, unshuffled, + positions) for every provider.
-
-Target (H100, bf16): at least 2× eager. GB/s over the bytes that must move.
-"""
+"""The decoder's input (visible and mask tokens, unshuffled, plus positions) for every provider, fwd and fwd+bwd."""
 
 import pytest
 
-from benches import common
+from benches import harness
 
 
-@pytest.mark.parametrize("provider", common.OP_PROVIDERS["decoder_assembly"])
-@pytest.mark.parametrize("mode", common.MODES)
-@pytest.mark.parametrize("model", common.model_params())
-def test_decoder_assembly(bench_op, model, mode, provider):
-    bench_op("decoder_assembly", model, mode, provider)
+@pytest.mark.parametrize(harness.PARAMS, harness.params("decoder_assembly"))
+def test_decoder_assembly(bench, model, stage, mode, provider):
+    bench("decoder_assembly", model, stage, mode, provider)

@@ -1,16 +1,15 @@
-"""pytest set-up for ``benches/``: collect the ``bench_*.py`` files, and the session's device and ceilings.
+"""pytest set-up for ``benches/``: collect ``bench_*.py``; the ``bench`` fixture every bench file calls.
 
-``pytest benches/ --benchmark-only`` measures on CUDA (ViT-B/16, ViT-L/16, ViT-H/14 at batch 256, bf16);
-``pytest benches/ --benchmark-disable`` runs every bench body once (on the CPU at the tiny size, Triton kernels
-under the interpreter set up by the root conftest.py; GPU sizes skip with a reason).
+``pytest benches/ --benchmark-only`` measures on CUDA; ``pytest benches/ --benchmark-disable`` runs every bench
+body once (on the CPU at the tiny size, Triton kernels under the interpreter that the root conftest.py sets up).
 """
 
-from __future__ import annotations
+import time
 
 import pytest
 import torch
 
-from benches import common, measure
+from benches import harness
 
 
 def pytest_collect_file(file_path, parent):
@@ -22,57 +21,47 @@ def pytest_collect_file(file_path, parent):
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    if common.HAS_CUDA:
-        torch.backends.cudnn.benchmark = True  # as the original MAE pretraining script sets it (eager conv)
-    return torch.device("cuda" if common.HAS_CUDA else "cpu")
+    torch.backends.cudnn.benchmark = True  # as the original MAE pretraining script sets it (eager conv)
+    return torch.device("cuda" if harness.HAS_CUDA else "cpu")
 
 
 @pytest.fixture(scope="session")
 def ceilings(device: torch.device) -> dict:
-    """The card's copy bandwidth and bf16 matmul rate, measured once per session (tiny on the CPU)."""
-    return measure.measure_ceilings(device)
-
-
-@pytest.fixture(autouse=True)
-def _release_memory(device: torch.device):
-    yield
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return harness.measure_ceilings(device)  # once per session
 
 
 @pytest.fixture
-def bench_op(benchmark, device: torch.device, ceilings: dict):
-    """``bench_op(op, model, mode, provider, stage="encoder")``: one op at one shape for one provider.
+def bench(benchmark, device: torch.device, ceilings: dict):
+    """``bench(op, model, stage, mode, provider)``: time ``op`` (or ``"step"``) with pytest-benchmark.
 
-    Skips with the reason when the provider cannot run here (no kernel yet, a CUDA-only SDPA backend, compile
-    on the CPU). The group gathers every provider of one op, mode and shape, so the default table and
-    ``--benchmark-compare`` rank providers against each other.
+    A provider that cannot run here skips with the reason. A group holds every provider of one op, mode and shape,
+    so the table and ``--benchmark-compare`` rank them. Warm-up calls (compilation, autotuning) come first and each
+    timed call ends with a synchronization; ``extra_info`` holds :func:`harness.numbers` against the ceilings.
     """
-    from benches import providers
 
-    def run(op: str, model: str, mode: str, provider: str, stage: str = "encoder") -> None:
+    def run(op: str, model: str, stage: str, mode: str, provider: str) -> None:
         try:
-            fn = providers.op_provider(op, provider, device)
-        except providers.Unavailable as e:
+            b = harness.make_bench(op, harness.MODELS[model], stage, mode, provider, device)
+        except harness.Unavailable as e:
             pytest.skip(str(e))
-        case = providers.make_case(op, common.ALL_MODELS[model], device, common.bench_dtype(device), stage)
-        measure.run_benchmark(
-            benchmark,
-            providers.runner(case, fn, mode),
-            device,
-            group=f"{op} {mode} | {model} {case.label}",
-            ceilings=ceilings,
-            flops=case.flops[mode],
-            nbytes=case.nbytes[mode],
-            bound=case.bound,
-        )
-        benchmark.extra_info.update(
-            op=op,
-            model=model,
-            case=case.label,
-            mode=mode,
-            provider=provider,
-            dtype=str(case.grad_out.dtype).removeprefix("torch."),
-        )
+        benchmark.group = f"{op} {mode} | {model} {b.label}"
+
+        def timed():
+            out = b.run()
+            harness.sync(device)
+            return out
+
+        try:
+            for _ in range((3 if b.images else 2) if benchmark.enabled else 0):
+                timed()
+            t0 = time.perf_counter()
+            benchmark(timed)
+            seconds = benchmark.stats.stats.median if benchmark.stats is not None else time.perf_counter() - t0
+            info = harness.numbers(b, seconds * 1e3, ceilings, device)
+            benchmark.extra_info.update(op=op, model=model, case=b.label, mode=mode, provider=provider)
+            benchmark.extra_info.update({k: v for k, v in info.items() if v is not None})
+        finally:
+            b = None  # a step's model goes before release() collects
+            harness.release(op, provider, device)
 
     return run

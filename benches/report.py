@@ -1,26 +1,27 @@
-"""One command for the whole picture on a GPU: ``python benches/report.py`` (under 6 minutes on an H100/H200).
+"""One command for the whole picture on a GPU: ``python benches/report.py [--json F] [--markdown F]``.
 
-In order, each section fail-soft (a failing provider becomes an error row and the rest goes on) and under its
-share of a global time budget (rows that no longer fit are reported as skipped, never dropped silently):
+1. ceilings: a 1 GiB device-to-device copy (GB/s, read + write) and an 8192³ bf16 matmul (TFLOP/s), measured;
+2. checks: each Triton kernel against the eager op in bf16 at the benchmarked shapes (forward and every gradient,
+   the tests' tolerance rule), and ``MAE(impl="triton")`` against ``MaskedAutoencoderViT`` with the same weights;
+3. model by model (ViT-B/16, ViT-L/16, ViT-H/14 at batch 256): the training step for every provider, then each op,
+   forward+backward and forward, for every provider (``torch.compile`` last);
+4. speed-ups against eager and ``torch.compile`` of eager in the same run, and the targets: met or missed, by how
+   much.
 
-1. the card's ceilings: a 1 GiB device-to-device copy (GB/s, read + write) and an 8192³ bf16 matmul (TFLOP/s);
-2. correctness: each Triton kernel against the eager reference in bf16 (forward and every gradient, the tests'
-   tolerance rule), and ``MAE(impl="triton")`` against ``MaskedAutoencoderViT`` with the same weights and mask;
-3. each op (patch embedding, attention, masked MSE, decoder assembly), forward and forward+backward, for every
-   provider at ViT-B/16, ViT-L/16 and ViT-H/14 (batch 256, mask 0.75, bf16);
-4. the training step (forward under bf16 autocast, backward, AdamW) for every provider.
-
-Times are ``triton.testing.do_bench`` medians after explicit warm-up calls (compilation and autotuning happen
-there). The markdown tables are printed last (targets last of all) and everything is written as JSON.
-
-``--dry-run`` runs the same code at a tiny size (on the CPU: Triton kernels under the interpreter, fp32); its
-numbers measure nothing. Exit status 1 when a correctness check fails, 2 on bad usage, 0 otherwise.
+Every row is fail-soft (an error becomes its status, with the reason). Times are ``triton.testing.do_bench``
+medians after warm-up calls. ``--budget-s`` (default 300) is a deadline checked before each row; the rows after
+it are reported as skipped. The markdown is printed (targets last), the JSON (rewritten after every row) holds
+every number and error, and a GPU run appends its rows to ``BENCHMARKS.csv`` (``--results``). ``--dry-run`` runs
+it all at a tiny size (CPU: Triton interpreter, fp32), measuring nothing. Exit status 1 when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -31,324 +32,352 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("ceilings", "checks", "patch_embed", "attention", "masked_mse", "decoder_assembly", "step")
-# Shares of the time budget; a section's budget is its share of what is left when it starts.
-WEIGHTS = {
-    "ceilings": 0.02,
-    "checks": 0.10,
-    "patch_embed": 0.10,
-    "attention": 0.18,
-    "masked_mse": 0.07,
-    "decoder_assembly": 0.07,
-    "step": 0.46,
-}
-# Seconds a row needs at least before it is started (compiles dominate); a started row may overrun its section by
-# GRACE_S before it is interrupted.
-MIN_ROW_S = {"op": 2.0, "op_compile": 15.0, "step": 10.0, "step_compile": 60.0}
-GRACE_S = 20.0
-# The model check's batch (its fp64 reference model must fit); the op checks run at the benchmarked shapes, so
-# that the kernels are also autotuned there first.
-MODEL_CHECK_BATCH = 4
-# The step rows that matter most run first: the ViT-B/16 targets, then ViT-L/16's MFU, then the rest.
-STEP_PRIORITY = (
-    ("vit_b16", "eager"),
-    ("vit_b16", "triton"),
-    ("vit_b16", "compile"),
-    ("vit_l16", "triton"),
-    ("vit_l16", "eager"),
-    ("vit_b16", "triton+compile"),
-    ("vit_h14", "eager"),
-    ("vit_h14", "triton"),
-    ("vit_l16", "compile"),
-    ("vit_l16", "triton+compile"),
-    ("vit_h14", "compile"),
-    ("vit_h14", "triton+compile"),
+OP_SECTIONS = ("patch_embed", "attention", "masked_mse", "decoder_assembly")  # harness.OPS, in table order
+SECTIONS = ("ceilings", "checks", "step", *OP_SECTIONS)
+MODEL_CHECK_BATCH = 4  # the model check's fp64 reference must fit
+RESULTS = ROOT / "BENCHMARKS.csv"
+ENV_KEYS = ("date", "card", "torch", "triton", "cuda", "driver", "fastmae_commit")
+ROW_KEYS = ("section", "model", "case", "mode", "provider", "ms", "tflops", "gbps", "pct_ceiling", "speedup_vs_eager")
+ROW_KEYS += ("speedup_vs_compile", "speedup_vs_best_sdpa", "images_per_s", "mfu", "peak_mib", "status")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """fastmae's ``metric`` in ``section`` (forward+backward, or the step) against ``threshold``."""
+
+    section: str
+    metric: str  # a row's key (speedup_vs_*, pct_copy, mfu) or "peak_ratio" (peak memory over eager's)
+    threshold: float
+    models: tuple[str, ...] = ()  # empty: every model measured
+    note: str = ""
+
+    def describe(self) -> str:
+        x = self.threshold
+        what = {
+            "speedup_vs_eager": f"≥ {x:g}× eager",
+            "speedup_vs_compile": f"≥ {x:g}× torch.compile",
+            "speedup_vs_best_sdpa": f"≥ {x:g}× the best SDPA backend",
+            "pct_copy": f"≥ {x:.0%} of copy bandwidth",
+            "peak_ratio": f"peak memory ≤ {x:g}× eager",
+            "mfu": f"MFU ≥ {x:.0%}",
+        }[self.metric]
+        where = "training step" if self.section == "step" else f"{self.section} fwd+bwd"
+        return f"{where}: {what}" + (f" ({self.note})" if self.note else "")
+
+
+TARGETS = (
+    Target("patch_embed", "speedup_vs_eager", 3.0),
+    Target("patch_embed", "speedup_vs_compile", 1.0, note="faster than compile"),
+    Target("attention", "speedup_vs_best_sdpa", 1.2, note="encoder and decoder shapes"),
+    Target("masked_mse", "pct_copy", 0.70),
+    Target("masked_mse", "speedup_vs_eager", 4.0),
+    Target("decoder_assembly", "speedup_vs_eager", 2.0),
+    Target("step", "speedup_vs_eager", 1.6, ("vit_b16",)),
+    Target("step", "speedup_vs_compile", 1.2, ("vit_b16",)),
+    Target("step", "peak_ratio", 0.75, ("vit_b16",)),
+    Target("step", "mfu", 0.45, ("vit_b16",)),
+    Target("step", "mfu", 0.55, ("vit_l16",)),
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="tiny sizes (CPU: Triton interpreter, fp32)")
-    p.add_argument("--json", default="runs/bench-report.json", help="where to write the JSON report")
-    p.add_argument("--markdown", default=None, help="also write the markdown tables to this file")
-    p.add_argument("--models", default=None, help="comma-separated subset of vit_b16,vit_l16,vit_h14")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--budget-s", type=float, default=None, help="total time budget (default 300 s; dry run 900 s)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    return p.parse_args(argv)
+def _ok(row: dict | None) -> bool:
+    return bool(row) and row.get("status") == "ok" and row.get("ms") is not None
 
 
-class Clock:
-    """The global deadline and the current section's deadline."""
+def _groups(rows: list[dict], key) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
 
-    def __init__(self, budget_s: float, sections: list[str]):
-        self.start = time.monotonic()
-        self.deadline = self.start + budget_s
-        self.pending = list(sections)
-        self.section_deadline = self.deadline
-        self.used: dict[str, dict] = {}
 
-    def begin(self, section: str) -> None:
+def add_speedups(rows: list[dict]) -> None:
+    """``speedup_vs_eager``, ``_vs_compile`` and ``_vs_best_sdpa`` within each op, model, stage and mode, in place."""
+    for group in _groups(rows, lambda r: (r["section"], r["model"], r.get("stage", ""), r["mode"])).values():
+        ms = {r["provider"]: r["ms"] for r in group if _ok(r)}
+        sdpa = min((p for p in ms if p.startswith("sdpa_")), key=ms.get, default=None)
+        for r in group:
+            for key, base in (("eager", "eager"), ("compile", "compile"), ("best_sdpa", sdpa)):
+                r[f"speedup_vs_{key}"] = ms[base] / r["ms"] if base in ms and _ok(r) else None
+            if r["section"] == "attention":
+                r["best_sdpa"] = sdpa
+
+
+def evaluate_targets(rows: list[dict], checks: list[dict], dry_run: bool) -> list[dict]:
+    """One entry per target and measured shape: fastmae's value (the Triton kernel; for the step the faster of
+    triton and triton+compile), met or missed and the margin (value over threshold, minus one). A dry run's tiny
+    model stands in for every model, and its verdicts say so."""
+    failed = {c["op"] for c in checks if c.get("status") == "FAIL"}
+    out = []
+    for t in TARGETS:
+        mine = ("triton", "triton+compile") if t.section == "step" else ("triton",)
+        mode = "step" if t.section == "step" else "fwd+bwd"
+        measured = [r for r in rows if (r["section"], r["mode"]) == (t.section, mode)]
+        measured = [r for r in measured if dry_run or not t.models or r["model"] in t.models]
+        groups = _groups(measured, lambda r: (r["model"], r.get("stage", "")))
+        for model, stage in groups or [(m, "") for m in t.models or ("",)]:
+            group = groups.get((model, stage), [])
+            cands = [r for r in group if r["provider"] in mine]
+            row = min([r for r in cands if _ok(r)], key=lambda r: r["ms"], default=cands[0] if cands else None)
+            value = row.get(t.metric) if _ok(row) else None
+            if t.metric == "peak_ratio" and _ok(row):
+                eager = next((r for r in group if r["provider"] == "eager" and _ok(r)), {})
+                value = row["peak_mib"] / eager["peak_mib"] if row.get("peak_mib") and eager.get("peak_mib") else None
+            ratio = None if value is None else t.threshold / value if t.metric == "peak_ratio" else value / t.threshold
+            status = "not measured" if ratio is None else "met" if ratio >= 1 else "missed"
+            if ("model" if t.section == "step" else t.section) in failed:
+                status = "invalid (correctness check failed)"
+            entry = {"target": t.describe(), "section": t.section, "metric": t.metric, "model": model, "case": stage}
+            entry |= {"provider": row and row["provider"], "threshold": t.threshold, "value": value}
+            entry |= {"margin": None if ratio is None else ratio - 1, "status": status}
+            out.append(entry | ({"status": f"dry run: {status}"} if dry_run else {}))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- running
+
+
+class Run:
+    """The run's rows, each fail-soft and refused after the deadline; the JSON is rewritten after every one."""
+
+    def __init__(self, args: argparse.Namespace, device, models: list):
+        from benches import harness
+
+        self.h, self.args, self.device, self.models = harness, args, device, models
+        self.env, self.start = harness.environment(device), time.monotonic()
+        self.ceilings, self.checks, self.rows = {}, [], []
+
+    def guarded(self, row: dict, fn, always: bool = False) -> dict:
         now = time.monotonic()
-        weight = sum(WEIGHTS[s] for s in self.pending)
-        share = WEIGHTS[section] / weight if weight else 1.0
-        self.section_deadline = now + max(0.0, self.deadline - now) * share
-        self.pending.remove(section)
-        self.used[section] = {"budget_s": round(self.section_deadline - now, 1), "t0": now}
-
-    def end(self, section: str) -> None:
-        info = self.used[section]
-        info["used_s"] = round(time.monotonic() - info.pop("t0"), 1)
-
-    def remaining(self) -> float:
-        return self.section_deadline - time.monotonic()
-
-
-class Runner:
-    """Runs rows fail-soft under the clock."""
-
-    def __init__(self, args: argparse.Namespace, device, clock: Clock):
-        from benches import common
-
-        self.args, self.device, self.clock = args, device, clock
-        self.dtype = common.bench_dtype(device)
-        self.cuda = device.type == "cuda"
-        self.ceilings: dict | None = None
-        self.rows: list[dict] = []
-        self.checks: list[dict] = []
-
-    def guarded(self, row: dict, min_s: float, fn, collect: bool = False) -> dict:
-        """Run ``fn() -> dict`` into ``row`` unless the section's time is spent; errors become the row's status.
-
-        Memory is collected after a failure, or when ``collect`` (a whole model was built).
-        """
-        import torch
-
-        from benches import measure, providers
-
-        remaining = self.clock.remaining()
-        if remaining < min_s:
-            row.update(
-                status="skipped", reason=f"time budget: {max(remaining, 0):.0f} s left, row needs ~{min_s:.0f} s"
-            )
-            return row
-        t0 = time.monotonic()
+        if now >= self.start + self.args.budget_s and not always:
+            return row | {"status": "skipped", "reason": f"time budget: {self.args.budget_s:g} s spent"}
         try:
-            with measure.hard_timeout(remaining + GRACE_S if self.cuda else 0):
-                row.update(fn())
+            row.update(fn())
             row.setdefault("status", "ok")
-        except providers.Unavailable as e:
+        except self.h.Unavailable as e:
             row.update(status="unavailable", reason=str(e))
-        except measure.MeasurementTimeout as e:
-            row.update(status="error", reason=f"timed out: {e}")
-            torch._dynamo.reset()
-        except Exception as e:  # fail-soft: any failure is reported as this row's error
-            row.update(status="error", reason=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
-            row["traceback"] = traceback.format_exc(limit=6)
-        if collect or row["status"] != "ok":
-            measure.free_memory(self.device)
-        row["wall_s"] = round(time.monotonic() - t0, 2)
+        except Exception as e:  # fail-soft: any failure is this row's error
+            first = (str(e).strip().splitlines() or [""])[0]
+            row.update(status="error", reason=f"{type(e).__name__}: {first}", traceback=traceback.format_exc(limit=6))
+        row["wall_s"] = round(time.monotonic() - now, 2)
+        self.save()
         return row
 
-    # ------------------------------------------------------------------------------------------------ sections
+    def check(self, op: str, shape, stage: str = "", norm_pix: bool | None = None) -> None:
+        """``op``'s kernel against the eager op (``norm_pix``: the loss's flag); ``op="model"``: the whole model."""
+        h, dtype = self.h, self.h.bench_dtype(self.device)
+        entry = {"op": op, "model": shape.name, "case": stage, "dtype": str(dtype).removeprefix("torch.")}
+        if op == "model":
+            entry.update(case=f"batch {shape.batch}, kernels: {', '.join(h.kernels_in_use()) or 'none'}")
+            entry.update(dtype="bf16 autocast" if self.device.type == "cuda" else "float32")
 
-    def section_ceilings(self) -> None:
-        from benches import measure
+        def run():
+            if op == "model":
+                result = h.check_model(shape, self.device)
+            else:
+                fn, case = h.kernel(op, self.device), h.make_case(op, shape, self.device, dtype, stage)
+                if norm_pix is not None:
+                    case.args = (*case.args[:4], norm_pix)
+                entry["case"] = case.label + ("" if norm_pix is None else f" norm_pix_loss={norm_pix}")
+                result = h.check_op(op, case, fn, dtype)
+            return {"tensors": result["tensors"], "status": "ok" if result["ok"] else "FAIL"}
 
-        row = self.guarded({}, 0.0, lambda: measure.measure_ceilings(self.device, self.args.dry_run))
-        self.ceilings = row if row.get("status") == "ok" else {"reason": row.get("reason")}
+        self.checks.append(self.guarded(entry, run))
 
-    def section_checks(self, models) -> None:
-        from benches import common, providers
+    def measure(self, section: str, shape, stage: str, mode: str, provider: str, labels: dict) -> None:
+        """One row; ``labels`` keeps each shape's label for the rows that do not run."""
+        row = {"section": section, "model": shape.name, "stage": stage, "mode": mode, "provider": provider}
+        row["case"] = labels.get(stage, stage)
 
-        for op in common.OPS:
-            for shape in models:
-                variants = [(st, None) for st in common.STAGES] if op == "attention" else [("", None)]
-                if op == "masked_mse":
-                    variants = [("", True), ("", False)]
-                for stage, norm_pix in variants:
-                    label = providers.case_label(op, shape, stage or "encoder")
-                    if norm_pix is not None:
-                        label += f" norm_pix_loss={norm_pix}"
-                    dtype = str(self.dtype).removeprefix("torch.")
-                    entry = {"op": op, "model": shape.name, "case": label, "dtype": dtype}
+        def run():
+            b = None
+            try:
+                b = self.h.make_bench(section, shape, stage, mode, provider, self.device)
+                row["case"] = labels[stage] = b.label
+                return self.h.measure(b, self.device, self.ceilings)
+            finally:
+                del b
+                self.h.release(section, provider, self.device)
 
-                    def run(op=op, shape=shape, stage=stage, norm_pix=norm_pix):
-                        fn = providers.kernel_or_unavailable(op, self.device)
-                        case = providers.make_case(op, shape, self.device, self.dtype, stage or "encoder")
-                        if norm_pix is not None:
-                            case.args = (*case.args[:4], norm_pix)
-                        result = providers.check_op(case, fn, self.dtype)
-                        return {"tensors": result["tensors"], "status": "ok" if result["ok"] else "FAIL"}
+        self.rows.append(self.guarded(row, run))
 
-                    self.checks.append(self.guarded(entry, 1.0, run))
-        shape = models[0].with_batch(min(models[0].batch, MODEL_CHECK_BATCH))
-        entry = {"op": "model", "model": shape.name, "case": "", "dtype": ""}
+    def report(self) -> dict:
+        add_speedups(self.rows)
+        return {
+            "dry_run": self.args.dry_run,
+            "env": self.env,
+            "models": {m.name: m.describe() for m in self.models},
+            "kernels": {op: self.h.kernel_module(op) for op in self.h.OPS},
+            "ceilings": self.ceilings,
+            "checks": self.checks,
+            "results": self.rows,
+            "targets": evaluate_targets(self.rows, self.checks, self.args.dry_run),
+            "budget_s": self.args.budget_s if math.isfinite(self.args.budget_s) else None,
+            "total_s": round(time.monotonic() - self.start, 1),
+        }
 
-        def run_model():
-            result = providers.check_model(shape, self.device)
-            return {k: result[k] for k in ("case", "dtype", "tensors")} | {"status": "ok" if result["ok"] else "FAIL"}
+    def save(self) -> dict:
+        report = _finite(self.report())
+        Path(self.args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.args.json).write_text(json.dumps(report, indent=1))
+        return report
 
-        self.checks.append(self.guarded(entry, 5.0, run_model))
 
-    def _measure(self, run, mode_flops, mode_bytes, bound) -> dict:
-        from benches import measure
+def _finite(x):
+    """Non-finite floats become None (strict JSON)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return [_finite(v) for v in x] if isinstance(x, (list, tuple)) else x
 
-        for _ in range(2 if self.cuda else 1):
-            run()
-        measure.sync(self.device)
-        ms = measure.time_ms(run, self.device, warmup_ms=10, rep_ms=50)
-        out = {"ms": ms, **measure.rates(ms, mode_flops, mode_bytes, self.ceilings, bound)}
-        out.update(measure.peak_memory(run, self.device) or {})
-        return out
 
-    def section_op(self, op: str, models) -> None:
-        from benches import common, measure, providers
+def append_results(path: Path, report: dict) -> None:
+    """Append the run's ceilings, checks and rows to the results CSV, one line each, with the environment."""
+    c = report["ceilings"]
+    lines = [{"section": "ceilings", "provider": "copy", "gbps": c.get("copy_gbps"), "status": c.get("status")}]
+    lines += [
+        {"section": "ceilings", "provider": "matmul", "tflops": c.get("matmul_tflops"), "status": c.get("status")}
+    ]
+    lines += [{"section": "check", "model": ch["model"], "case": f"{ch['op']} {ch['case']}", "status": ch["status"]}
+              for ch in report["checks"]]  # fmt: skip
+    exists = path.exists() and path.stat().st_size > 0
+    with path.open("a+", newline="") as f:  # writes go to the end; a header already there names the columns
+        f.seek(0)
+        writer = csv.DictWriter(f, next(csv.reader(f)) if exists else [*ENV_KEYS, *ROW_KEYS], extrasaction="ignore")
+        if not exists:
+            writer.writeheader()
+        for line in lines + report["results"]:
+            line = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in (report["env"] | line).items()}
+            writer.writerow(line)
 
-        plain = [p for p in common.OP_PROVIDERS[op] if p != "compile"]
-        for pass_providers, min_s in ((plain, MIN_ROW_S["op"]), (["compile"], MIN_ROW_S["op_compile"])):
-            for shape in models:
-                for stage in common.STAGES if op == "attention" else ("",):
-                    case_box: dict = {}
 
-                    def case(shape=shape, stage=stage, box=case_box):
-                        if "case" not in box:
-                            box["case"] = providers.make_case(op, shape, self.device, self.dtype, stage or "encoder")
-                        return box["case"]
+# ---------------------------------------------------------------------------------------------------- markdown
 
-                    for provider in pass_providers:
-                        for mode in ("fwd+bwd", "fwd"):
-                            row = {"section": op, "op": op, "model": shape.name, "mode": mode, "provider": provider}
 
-                            def run(provider=provider, mode=mode, row=row, case=case):
-                                c = case()
-                                fn = providers.op_provider(op, provider, self.device)
-                                return self._measure(
-                                    providers.runner(c, fn, mode), c.flops[mode], c.nbytes[mode], c.bound
-                                )
+def _cell(key: str, row: dict) -> str:
+    v = row.get(key)
+    if key == "status" and row.get("reason"):
+        text = f"{v}: {row['reason']}".replace("\n", " ").replace("|", "/")
+        return text if len(text) <= 90 else text[:89] + "…"
+    if v is None:
+        return ""
+    if key.startswith("speedup") or key == "value" and row["metric"].startswith(("speedup", "peak")):
+        return f"{v:.2f}×"
+    if key.startswith("pct") or key in ("mfu", "value", "margin"):
+        return f"{100 * v:+.0f}%" if key == "margin" else f"{100 * v:.1f}%"
+    if isinstance(v, float):
+        return f"{v:.0f}" if key in ("gbps", "images_per_s") or key.endswith("mib") else f"{v:.3g}"
+    return ", ".join(v) if isinstance(v, list) else str(v)
 
-                            row["case"] = providers.case_label(op, shape, stage or "encoder")
-                            self.rows.append(self.guarded(row, min_s, run))
-                    case_box.clear()
-                    measure.free_memory(self.device)
 
-    def section_step(self, models) -> None:
-        import torch
+def _table(columns: str, rows: list[dict]) -> list[str]:
+    """``columns``: ``header=key`` pairs (the key is the header when the same), comma-separated."""
+    cols = [(c.split("=") * 2)[:2] for c in columns.split(", ")]
+    out = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    return out + ["| " + " | ".join(_cell(k, r) for _, k in cols) + " |" for r in rows]
 
-        from benches import common, measure, providers
 
-        rank = {pair: i for i, pair in enumerate(STEP_PRIORITY)}
-        plan = [(shape, p) for shape in models for p in common.STEP_PROVIDERS]
-        plan.sort(key=lambda sp: rank.get((sp[0].name, sp[1]), len(rank) + common.STEP_PROVIDERS.index(sp[1])))
-        for shape, provider in plan:
-            row = {
-                "section": "step",
-                "op": "step",
-                "model": shape.name,
-                "case": f"batch {shape.batch}",
-                "mode": "step",
-                "provider": provider,
-            }
-            min_s = MIN_ROW_S["step"]
-            if "compile" in provider:
-                min_s = MIN_ROW_S["step_compile"] * {"vit_l16": 1.5, "vit_h14": 2.0}.get(shape.name, 1.0)
+def markdown(report: dict) -> str:
+    """The report as markdown: environment, ceilings, checks, per-op and step tables, targets last."""
+    out = ["## fastmae benchmark report", ""]
+    if report["dry_run"]:
+        out += ["**DRY RUN: tiny sizes; the numbers below measure nothing and must not be quoted.**", ""]
+    out += _table(", ".join(ENV_KEYS), [report["env"]]) + [""]
+    c = report["ceilings"]
+    if c.get("copy_gbps"):
+        ceil = f"copy {c['copy_gbps']:.0f} GB/s, {c['copy_desc']}; matmul {c['matmul_tflops']:.1f} TFLOP/s, "
+        out.append(f"Ceilings: {ceil}{c['matmul_desc']}.")
+    else:
+        out.append(f"Ceilings: not measured ({c.get('reason', 'not asked for')}).")
+    out += ["", "### Correctness (tolerance rule of tests/tolerance.py)", ""]
+    worst = [
+        ch
+        | max(ch.get("tensors") or [{}], key=lambda t: (not t.get("ok", True), (t.get("err") or 0) / t.get("bound", 1)))
+        for ch in report["checks"]
+    ]
+    out += _table("op, model, case, dtype, worst tensor=tensor, max err=err, bound, result=status", worst)
+    step = "model, provider, ms, img/s=images_per_s, TFLOP/s=tflops, MFU=mfu, × eager=speedup_vs_eager"
+    step += ", × compile=speedup_vs_compile, peak MiB=peak_mib, kernels, status"
+    op = "model, case, mode, provider, ms, TFLOP/s=tflops, GB/s=gbps, % ceiling=pct_ceiling, × eager=speedup_vs_eager"
+    op += ", × compile=speedup_vs_compile{}, peak extra MiB=peak_extra_mib, status"
+    for section in (*OP_SECTIONS, "step"):
+        if rows := [r for r in report["results"] if r["section"] == section]:
+            cols = (
+                step
+                if section == "step"
+                else op.format(", × best SDPA=speedup_vs_best_sdpa" * (section == "attention"))
+            )
+            out += ["", f"### {section}", ""] + _table(cols, rows)
+    out += ["", "### Targets (H100, bf16, same run)", ""]
+    out += _table("target, model, case, fastmae provider=provider, value, margin, result=status", report["targets"])
+    return "\n".join(out) + "\n"
 
-            def run(shape=shape, provider=provider, row=row):
-                try:
-                    case = providers.make_step(shape, provider, self.device)
-                    row["kernels"] = case.kernels
-                    for _ in range(3 if self.cuda else 1):
-                        case.step()
-                    measure.sync(self.device)
-                    ms = measure.time_ms(case.step, self.device, warmup_ms=0, rep_ms=800)
-                    out = {"ms": ms, "images_per_s": shape.batch / (ms * 1e-3)}
-                    out.update(measure.rates(ms, case.flops["step"], None, self.ceilings, "matmul"))
-                    out["mfu"] = out["pct_matmul"]
-                    out.update(measure.peak_memory(case.step, self.device) or {})
-                    return out
-                finally:
-                    if "compile" in provider:
-                        torch._dynamo.reset()  # drop the compiled model's graphs (and their references)
 
-            self.rows.append(self.guarded(row, min_s if self.cuda else 0.0, run, collect=True))
+# -------------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes (CPU: Triton interpreter, fp32)")
+    p.add_argument("--json", default="runs/bench-report.json", help="where to write the JSON report")
+    p.add_argument("--markdown", default=None, help="also write the markdown to this file")
+    p.add_argument("--results", default=None, help=f"the CSV to append rows to (default {RESULTS.name}; dry run none)")
+    p.add_argument("--models", default=None, help="comma-separated subset of vit_b16,vit_l16,vit_h14")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--budget-s", type=float, default=None, help="deadline in s (default 300; dry run or inf: none)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    args = p.parse_args(argv)
+    args.budget_s = args.budget_s if args.budget_s is not None else math.inf if args.dry_run else 300.0
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    if device.type != "cuda":
-        if not args.dry_run:
-            print("the full report needs a CUDA GPU; on the CPU run it with --dry-run", file=sys.stderr)
-            return 2
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
-    else:
-        torch.backends.cudnn.benchmark = True  # as the original MAE pretraining script sets it (eager conv)
-
-    from benches import common, measure, reporting
-
-    pool = common.TINY_MODELS if args.dry_run else common.GPU_MODELS
-    names = args.models.split(",") if args.models and not args.dry_run else list(pool)
-    unknown = [n for n in names if n not in pool]
-    sections = [s for s in args.sections.split(",") if s]
-    bad = [s for s in sections if s not in SECTIONS]
-    if unknown or bad:
-        print(f"unknown models {unknown} (known: {list(pool)}) or sections {bad} (known: {SECTIONS})", file=sys.stderr)
+    if device.type == "cpu" and not args.dry_run:
+        print("the full report needs a CUDA GPU; on the CPU run it with --dry-run", file=sys.stderr)
         return 2
-    models = [pool[n] for n in names]
-    budget = args.budget_s if args.budget_s is not None else (900.0 if args.dry_run else 300.0)
-    clock = Clock(budget, [s for s in SECTIONS if s in sections])
-    runner = Runner(args, device, clock)
-    for section in SECTIONS:
-        if section not in sections:
-            continue
-        clock.begin(section)
-        print(f"[{time.monotonic() - clock.start:6.1f} s] {section} (budget {clock.remaining():.0f} s)", flush=True)
-        if section == "ceilings":
-            runner.section_ceilings()
-        elif section == "checks":
-            runner.section_checks(models)
-        elif section == "step":
-            runner.section_step(models)
-        else:
-            runner.section_op(section, models)
-        clock.end(section)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    torch.backends.cudnn.benchmark = True  # as the original MAE pretraining script sets it (eager conv)
+    from benches import harness
 
-    reporting.add_speedups(runner.rows)
-    report = {
-        "dry_run": args.dry_run,
-        "env": measure.environment(device),
-        "dtype": str(runner.dtype).removeprefix("torch."),
-        "models": {m.name: m.describe() for m in models},
-        "kernels": {op: reporting_kernel(op) for op in common.OPS},
-        "ceilings": runner.ceilings,
-        "checks": runner.checks,
-        "results": runner.rows,
-        "targets": reporting.evaluate_targets(runner.rows, runner.checks, args.dry_run),
-        "sections": clock.used,
-        "budget_s": budget,
-        "total_s": round(time.monotonic() - clock.start, 1),
-    }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(reporting.clean_json(report), indent=1))
-    md = reporting.markdown(report)
+    pool = harness.TINY_MODELS if args.dry_run else harness.GPU_MODELS
+    names = args.models.split(",") if args.models and not args.dry_run else list(pool)
+    sections = [s for s in args.sections.split(",") if s]
+    if set(names) - set(pool) or set(sections) - set(SECTIONS):
+        print(f"--models must be among {list(pool)} and --sections among {list(SECTIONS)}", file=sys.stderr)
+        return 2
+    run = Run(args, device, [pool[n] for n in names])
+    if "ceilings" in sections:  # measured whatever the budget: every rate is a fraction of them
+        run.ceilings = run.guarded({}, lambda: harness.measure_ceilings(device, args.dry_run), always=True)
+    for op, spec in harness.OPS.items() if "checks" in sections else ():
+        for shape in run.models:
+            for stage in spec.stages:
+                for norm_pix in (True, False) if op == "masked_mse" else (None,):  # the loss's both forms
+                    run.check(op, shape, stage, norm_pix)
+    if "checks" in sections:
+        run.check("model", dataclasses.replace(run.models[0], batch=min(run.models[0].batch, MODEL_CHECK_BATCH)))
+    for shape in run.models:  # model by model: a deadline cuts the largest last
+        for section in [s for s in ("step", *OP_SECTIONS) if s in sections]:
+            spec = harness.OPS.get(section)
+            stages, providers = (spec.stages, spec.providers) if spec else (("",), harness.STEP_PROVIDERS)
+            labels: dict[str, str] = {}
+            for stage in stages:
+                for provider in sorted(providers, key=lambda p: "compile" in p):  # compiles last
+                    for mode in ("step",) if section == "step" else ("fwd+bwd", "fwd"):
+                        run.measure(section, shape, stage, mode, provider, labels)
+    report = run.save()
+    md = markdown(report)
     if args.markdown:
         Path(args.markdown).write_text(md)
-    print(f"[{report['total_s']:6.1f} s] done; JSON written to {path}\n", flush=True)
-    print(md, flush=True)
-    return 1 if any(c.get("status") == "FAIL" for c in runner.checks) else 0
-
-
-def reporting_kernel(op: str) -> str | None:
-    """The kernel module in use for ``op``, or None when fastmae has none."""
-    from fastmae import ops
-
-    return ops.KERNELS[op][0] if ops.triton_kernel(op) is not None else None
+    results = Path(args.results) if args.results else None if args.dry_run else RESULTS
+    if results:
+        append_results(results, report)
+    print(f"[{report['total_s']:.1f} s] JSON written to {args.json}" + (f", rows to {results}" if results else ""))
+    print("\n" + md, flush=True)
+    return 1 if any(c.get("status") == "FAIL" for c in run.checks) else 0
 
 
 if __name__ == "__main__":
