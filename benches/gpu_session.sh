@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a machine with torch, triton, timm and pytest-benchmark preinstalled (no network).
 #   bash benches/gpu_session.sh tests    # install, then the GPU tests twice (races show as differing runs)
-#   bash benches/gpu_session.sh report   # install, then the benchmark report (under 6 minutes)
+#   bash benches/gpu_session.sh report   # install, then the benchmark report (a 300 s deadline between rows)
 #   bash benches/gpu_session.sh all      # both (about 10 minutes: split it where one command may run less)
-# Logs and JSON go to $OUT (default runs/gpu).
+# Logs, JSON and BENCHMARKS.csv (with the run's rows) go to $OUT (default runs/gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -24,5 +24,6 @@ if [[ $stage == report || $stage == all ]]; then
   PYTHONUNBUFFERED=1 python3 benches/report.py --json "$OUT/bench-report.json" --markdown "$OUT/bench-report.md" \
     2>&1 | tee "$OUT/report.log" | tail -120
   [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
+  cp BENCHMARKS.csv "$OUT/"  # the committed results with this run's rows appended
 fi
 exit $rc
