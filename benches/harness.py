@@ -201,12 +201,16 @@ def kernel_module(op: str) -> str | None:
     return ops.KERNELS[op][0] if ops.triton_kernel(op) is not None else None
 
 
+def _need_triton(device: torch.device) -> None:
+    if device.type != "cuda" and not ops.interpreter_on():
+        raise Unavailable("Triton kernels need CUDA, or TRITON_INTERPRET=1 on the CPU")
+
+
 def kernel(op: str, device: torch.device) -> Callable:
     """fastmae's Triton kernel for ``op``; :class:`Unavailable` when it is missing or cannot run here."""
     if kernel_module(op) is None:
         raise Unavailable(f"{ops.KERNELS[op][0]} is not present (no Triton kernel for {op} yet)")
-    if device.type != "cuda" and not ops.interpreter_on():
-        raise Unavailable("Triton kernels need CUDA, or TRITON_INTERPRET=1 on the CPU")
+    _need_triton(device)
     return ops.triton_kernel(op)
 
 
@@ -270,8 +274,7 @@ def build_model(shape: Shape, provider: str, device: torch.device) -> torch.nn.M
     kwargs = shape.cfg.kwargs() | {"norm_pix_loss": NORM_PIX_LOSS}
     if not provider.startswith("triton"):
         return reference.MaskedAutoencoderViT(**kwargs).to(device)
-    if device.type != "cuda" and not ops.interpreter_on():
-        raise Unavailable("Triton kernels need CUDA, or TRITON_INTERPRET=1 on the CPU")
+    _need_triton(device)
     return MAE(**kwargs, impl="triton").to(device)
 
 
@@ -468,7 +471,7 @@ def check_model(shape: Shape, device: torch.device) -> dict:
     gradients of :data:`CHECKED_PARAMS`, by the rule's norm-relative form (tol 1e-3 under bf16 autocast, 1e-5)."""
     torch.manual_seed(0)
     ref = build_model(shape, "eager", device)
-    fast = build_model(shape, "triton", device)
+    fast, ref_hi = build_model(shape, "triton", device), copy.deepcopy(ref).double()
     fast.load_state_dict(ref.state_dict())
     imgs, noise = shape.images(device), torch.rand(shape.batch, shape.patches[0], device=device)
 
@@ -482,8 +485,7 @@ def check_model(shape: Shape, device: torch.device) -> dict:
     def rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
-    got, low = run(fast, imgs, True), run(ref, imgs, True)
-    high = run(copy.deepcopy(ref).double(), imgs.double(), False)
+    got, low, high = run(fast, imgs, True), run(ref, imgs, True), run(ref_hi, imgs.double(), False)
     return _verdict(("loss", "pred", *CHECKED_PARAMS), got, low, high, rel, 1e-3 if device.type == "cuda" else 1e-5)
 
 

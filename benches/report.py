@@ -1,18 +1,9 @@
 """One command for the whole picture on a GPU: ``python benches/report.py [--json F] [--markdown F]``.
 
-1. ceilings: a 1 GiB device-to-device copy (GB/s, read + write) and an 8192³ bf16 matmul (TFLOP/s), measured;
-2. checks: each Triton kernel against the eager op in bf16 at the benchmarked shapes (forward and every gradient,
-   the tests' tolerance rule), and ``MAE(impl="triton")`` against ``MaskedAutoencoderViT`` with the same weights;
-3. model by model (ViT-B/16, ViT-L/16, ViT-H/14 at batch 256): the training step for every provider, then each op,
-   forward+backward and forward, for every provider (``torch.compile`` last);
-4. speed-ups against eager and ``torch.compile`` of eager in the same run, and the targets: met or missed, by how
-   much.
-
-Every row is fail-soft (an error becomes its status, with the reason). Times are ``triton.testing.do_bench``
-medians after warm-up calls. ``--budget-s`` (default 300) is a deadline checked before each row; the rows after
-it are reported as skipped. The markdown is printed (targets last), the JSON (rewritten after every row) holds
-every number and error, and a GPU run appends its rows to ``BENCHMARKS.csv`` (``--results``). ``--dry-run`` runs
-it all at a tiny size (CPU: Triton interpreter, fp32), measuring nothing. Exit status 1 when a check fails.
+Ceilings, correctness checks, then model by model the training step and every op for every provider, and the
+targets; each row fail-soft, a deadline (``--budget-s``) checked before each row, the JSON rewritten after each.
+A GPU run appends its rows to BENCHMARKS.csv. ``--dry-run``: the same at a tiny size on the CPU, measuring
+nothing. Exit status 1 when a check fails. BENCHMARKS.md, "Running the GPU report", says what each part does.
 """
 
 from __future__ import annotations

@@ -284,3 +284,21 @@ def test_step_flops_match_torch_flop_counter():
     assert b16["forward"] / 256 == pytest.approx(19.4e9, rel=0.01)  # as BENCHMARKS.md states
     attn = harness.make_case("attention", TINY, CPU, torch.float32, "decoder")  # B=2, H=2, N=17, d=16
     assert attn.flops == {"fwd": 4 * 2 * 2 * 17 * 17 * 16, "fwd+bwd": 3.5 * 4 * 2 * 2 * 17 * 17 * 16}
+
+
+def test_model_check_is_tight_and_flags_a_wrong_model(monkeypatch):
+    good = harness.check_model(TINY, CPU)
+    assert good["ok"] and {t["tensor"] for t in good["tensors"]} >= {"loss", "pred", "mask_token"}
+    # fp32 against fp64 on the CPU: a reference error this small shows the fp64 run is a clean one.
+    assert all(t["eager_err"] < 1e-4 for t in good["tensors"]), good["tensors"]
+
+    build = harness.build_model
+
+    def wrong(shape, provider, device):  # the eager model, computing the loss without norm_pix_loss
+        model = build(shape, "eager", device)
+        model.norm_pix_loss = provider == "eager"
+        return model
+
+    monkeypatch.setattr(harness, "build_model", wrong)
+    bad = harness.check_model(TINY, CPU)
+    assert not bad["ok"] and not bad["tensors"][0]["ok"]
