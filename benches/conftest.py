@@ -58,7 +58,8 @@ def bench(benchmark, device: torch.device, ceilings: dict):
             benchmark(timed)
             seconds = benchmark.stats.stats.median if benchmark.stats is not None else time.perf_counter() - t0
             info = harness.numbers(b, seconds * 1e3, ceilings, device)
-            benchmark.extra_info.update(op=op, model=model, case=b.label, mode=mode, provider=provider)
+            dtype = str(harness.bench_dtype(device)).removeprefix("torch.")  # a step's autocast dtype
+            benchmark.extra_info.update(op=op, model=model, case=b.label, mode=mode, provider=provider, dtype=dtype)
             benchmark.extra_info.update({k: v for k, v in info.items() if v is not None})
         finally:
             b = None  # a step's model goes before release() collects
