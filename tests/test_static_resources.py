@@ -12,12 +12,16 @@ whose table ``benches/STATIC.md`` shows the same figures). Rules, per compiled k
 
 The kernels that break a rule today are listed below, each as a strict xfail naming what it fails: fixing one
 makes its case pass, which fails as XPASS until it is taken off the list; a kernel missing from the run (renamed,
-no longer launched) fails outright. ``test_no_other_*`` fail on any offender not listed.
+no longer launched) fails outright. ``test_no_other_*`` fail on any offender not listed. The lists are what
+Triton 3.8 (ptxas 12.9) compiles; under another Triton (another ptxas, other code) the module skips with a reason.
 """
 
 import pytest
+import triton
 
 from tests import mae_launches
+
+TRITON = "3.8."
 
 # compiled kernel (see mae_launches.label) -> what it fails
 KNOWN_SPILLS = {
@@ -66,6 +70,8 @@ KNOWN_NARROW = {
 @pytest.fixture(scope="module")
 def kernels() -> dict:
     """Compiled kernel label -> its figures (launches sharing one compiled kernel share them)."""
+    if not triton.__version__.startswith(TRITON):
+        pytest.skip(f"the known offenders are listed for triton {TRITON}x, this is triton {triton.__version__}")
     return {name: members[0][1] for name, members in mae_launches.group(mae_launches.collect()).items()}
 
 
