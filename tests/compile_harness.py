@@ -10,23 +10,37 @@ integer equal to 1 becomes a constant, integers divisible by 16 and 16-byte alig
 turns on vector loads and pipelining), so hand-written signatures compile different code. Two ways in:
 
 * **Captured launches** (:func:`capture_launches`, :func:`compile_launches`): the real launcher runs, with real
-  shapes, on CPU tensors (``torch.empty``: never touched, so batch 256 costs no memory), inside a context where
-  Triton's own ``JITFunction.run`` executes unchanged except for two stand-ins: the driver reports an offline
-  ``GPUTarget`` instead of asking a GPU, and ``_do_compile`` records instead of compiling. So the binder, the
-  specialization (``native_specialize_impl`` / the backend's ``get_*_specialization``) and ``_pack_args`` are the
-  installed Triton's, whatever its version does, and the recorded (signature, constexprs, attrs, options) are
-  exactly what ``_do_compile`` would hand to ``triton.compile``. ``@triton.autotune`` kernels record one launch
-  per config, as the autotuner would compile each one before benchmarking. Nothing about the kernels is restated
-  here, so this cannot drift from the launchers. CPU tensors are 64-byte aligned, CUDA's caching allocator
-  512-byte: both are 16-byte aligned, so pointer specialization matches; views keep their real offsets.
-  Compiles run in parallel worker processes and are cached by (kernel source hash, specialization, options,
-  Triton version) under ``$FASTMAE_STATIC_CACHE`` (default ``~/.cache/fastmae/static``), with the PTX, the
-  ``cuobjdump -sass`` listing and ptxas's ``-v`` log of each (see :mod:`tests.static_analysis`).
+  shapes, on CPU tensors (``torch.empty``, untouched by any kernel, so batch 256 costs next to no memory), inside
+  a context where Triton's own ``JITFunction.run`` executes unchanged except for two stand-ins: the driver reports
+  an offline ``GPUTarget`` instead of asking a GPU, and ``_do_compile`` records instead of compiling. So the
+  binder, the specialization (``native_specialize_impl`` / the backend's ``get_*_specialization``) and
+  ``_pack_args`` are the installed Triton's, whatever its version does, and the recorded (signature, constexprs,
+  attrs, options) are exactly what ``_do_compile`` would hand to ``triton.compile``. ``@triton.autotune`` kernels
+  record one launch per config, as the autotuner would compile each one before benchmarking. Nothing about the
+  kernels or their launchers (configs, argument values, specialization rules) is restated, so this cannot drift
+  from them. CPU tensors are 64-byte aligned, CUDA's caching allocator 512-byte: both are 16-byte aligned, so
+  pointer specialization matches; views keep their real offsets. Compiles run in parallel worker processes and
+  are cached by (kernel source hash, specialization, options, Triton version) under ``$FASTMAE_STATIC_CACHE``
+  (default ``~/.cache/fastmae/static``), with the PTX, the ``cuobjdump -sass`` listing and ptxas's ``-v`` log of
+  each (see :mod:`tests.static_analysis`).
+  On a GPU, :func:`observe_launches` records the same way while the launches really run and compile, with each
+  ``CompiledKernel``, so the offline figures can be checked against the GPU's own.
 * **KernelSpec** (:func:`compile_specs`, :func:`assert_compiles`): a hand-written signature with every integer an
   unspecialized ``i32`` (the generic case: no integer is 1 or a multiple of 16) and pointers assumed aligned.
   Good for "compiles at any shape" checks over dtypes and configs; not for resource figures at a given shape.
 
-Usage in a kernel's test file, one line per kernel and config::
+Captured launches, from a function run in a subprocess without ``TRITON_INTERPRET``::
+
+    def my_launches():  # in an importable module
+        with capture_launches(90) as rec:
+            with rec.tagged(op="attention"):
+                my_launcher(torch.empty(256, 65, 3840, dtype=torch.bfloat16), ...)
+        return rec.launches
+
+    launches = capture_in_subprocess("tests.my_module:my_launches")
+    artifacts = compile_launches(launches)  # ptx, sass, ptxas_log, shared per launch
+
+KernelSpecs in a kernel's test file, one line per kernel and config::
 
     SPECS = [
         KernelSpec("fastmae.kernels.attention", "_attn_fwd", {"Q": "*fp16", "N": "i32", "BLOCK": "constexpr"},

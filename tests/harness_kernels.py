@@ -1,4 +1,4 @@
-"""Two tiny kernels that exercise the compile harness: one valid, one that only fails when compiled."""
+"""Two tiny kernels for the compile harness (one valid, one that only fails when compiled), and a launch site."""
 
 import triton
 import triton.language as tl
