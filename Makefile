@@ -38,6 +38,11 @@ bench-dry: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benches/report.py
 
+# The static resource table of every kernel as an MAE step launches it (offline sm_90a compiles, cached; no GPU).
+.PHONY: static
+static: $(BIN)/.installed
+	$(BIN)/python -m benches.static_report
+
 # The demo starts afresh each time (runs/demo is its own output folder).
 pretrain: $(BIN)/.installed
 	rm -rf runs/demo

@@ -1,0 +1,212 @@
+"""Every Triton launch of an MAE pretraining step at the paper's shapes, captured from fastmae's own launchers.
+
+:func:`capture_mae` runs, for ViT-B/16, ViT-L/16 and ViT-H/14 at batch 256 (mask ratio 0.75), each fused op
+forward and backward on CPU tensors inside :func:`tests.compile_harness.capture_launches`, so the recorded
+launches (kernel, specialization, launch options, grid) are the launchers' own: nothing about tiles, configs or
+argument values is restated here. What this module states is how MAE calls the ops:
+
+* the inputs' shapes and layouts, built as the model builds them: masks from :func:`fastmae.masking.random_masking`
+  (``ids_keep`` is a strided view of the shuffle), ``pred`` of the loss as ``decoder_pred(x)[:, 1:]`` (a view) or,
+  with ``pred_masked_only`` (the training script's default), the masked rows only; gradients contiguous;
+* two precision modes: ``amp``, MAE's recipe (fp32 parameters and images under bf16 autocast: the Linear outputs
+  ``qkv``, ``decoder_embed(x)`` and ``decoder_pred(x)`` are bf16, the patch-embedding and decoder-input outputs fp32
+  because the positional tables are fp32, so are their gradients); ``bf16``, a bf16 model without autocast
+  (everything bf16). Attention sees bf16 ``qkv`` in both, so it is captured once per model.
+* ``norm_pix_loss=True`` (the paper's recipe) for the loss, on both its full-prediction and masked-rows paths.
+
+Ops whose public function refuses CPU tensors are called through their autograd Function (patch embedding, with
+the compute dtype the public function derives from autocast; attention, whose public wrapper only validates and
+makes ``qkv`` contiguous); the loss runs inside ``poison_outputs`` because its forward reads the (never computed)
+weight sum back on the CPU. Launches that MAE never makes but that the ops make for other callers (``imgs``
+requiring grad: the patch embedding's image gradient; a learned decoder ``pos_embed``) are captured too, tagged
+``unused="unused in MAE"``.
+"""
+
+from __future__ import annotations
+
+MODELS = {"vit_b16": "mae_vit_base_patch16", "vit_l16": "mae_vit_large_patch16", "vit_h14": "mae_vit_huge_patch14"}
+MODES = ("bf16", "amp")
+BATCH = 256
+MASK_RATIO = 0.75
+NORM_PIX_LOSS = True
+
+
+def _empty(*shape, dtype, device, grad=False):
+    """Uninitialized: values do not change the compiled code (shapes, strides and alignment do)."""
+    import torch
+
+    return torch.empty(*shape, dtype=dtype, device=device).requires_grad_(grad)
+
+
+def _backward(out, *inputs) -> None:
+    """Run out's backward for ``inputs`` (the gradients are returned, not accumulated: no copy of them is made)."""
+    import torch
+
+    grad = torch.empty(out.shape, dtype=out.dtype, device=out.device) if out.dim() else None
+    torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad)
+
+
+def _patch_embed(cfg, masking, mode: str, img_grad: bool = False) -> None:
+    import torch
+    from fastmae.kernels import patch_embed as pe
+
+    dt = torch.bfloat16 if mode == "bf16" else torch.float32
+    n, c, img, p, d = BATCH, cfg.in_chans, cfg.img_size, cfg.patch_size, cfg.embed_dim
+    num_patches = (img // p) ** 2
+    dev = masking.mask.device
+    imgs = _empty(n, c, img, img, dtype=dt, device=dev, grad=img_grad)
+    weight, bias = _empty(d, c, p, p, dtype=dt, device=dev, grad=True), _empty(d, dtype=dt, device=dev, grad=True)
+    pos = _empty(1, 1 + num_patches, d, dtype=dt, device=dev)
+    cls = _empty(1, 1, d, dtype=dt, device=dev, grad=True)
+    # ct: the GEMM's compute dtype, the autocast dtype under amp (what patch_embed_visible derives)
+    out = pe._PatchEmbedVisible.apply(imgs, masking.ids_keep, weight, bias, pos, cls, torch.bfloat16)
+    _backward(out, imgs, weight, bias, cls)
+
+
+def _attention(tokens: int, dim: int, heads: int, device) -> None:
+    import torch
+    from fastmae.kernels import attention as attn
+
+    qkv = _empty(
+        BATCH, tokens, 3 * dim, dtype=torch.bfloat16, device=device, grad=True
+    )  # [B, N, 3·D], the qkv Linear's output
+    out = attn._Attention.apply(qkv, heads, (dim // heads) ** -0.5)
+    _backward(out, qkv)
+
+
+def _loss(cfg, masking, mode: str, rows: bool) -> None:
+    import torch
+    from fastmae.kernels import masked_mse as mm
+    from fastmae.kernels._common import poison_outputs
+
+    dt = torch.bfloat16 if mode == "bf16" else torch.float32
+    n, c, img, p = BATCH, cfg.in_chans, cfg.img_size, cfg.patch_size
+    num_patches = (img // p) ** 2
+    dev = masking.mask.device
+    imgs = _empty(n, c, img, img, dtype=dt, device=dev)
+    with poison_outputs():
+        if rows:
+            masked = num_patches - masking.ids_keep.shape[1]
+            ids = torch.argsort(masking.mask, dim=1, descending=True, stable=True)[:, :masked]  # [N, M]
+            pred = _empty(n, masked, p * p * c, dtype=torch.bfloat16, device=dev, grad=True)  # [N, M, p²C]
+            loss = mm.masked_mse_loss_rows(pred, imgs, ids, p, NORM_PIX_LOSS)
+        else:
+            full = _empty(n, 1 + num_patches, p * p * c, dtype=torch.bfloat16, device=dev, grad=True)  # [N, 1+L, p²C]
+            loss = mm.masked_mse_loss(full[:, 1:, :], imgs, masking.mask, p, NORM_PIX_LOSS)
+        _backward(loss, pred if rows else full)
+
+
+def _decoder_input(cfg, masking, mode: str, pos_grad: bool = False) -> None:
+    import torch
+    from fastmae.kernels.decoder_assembly import decoder_assemble
+
+    pt = torch.bfloat16 if mode == "bf16" else torch.float32
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
+    kept, dd, dev = masking.ids_keep.shape[1], cfg.decoder_embed_dim, masking.mask.device
+    x = _empty(BATCH, 1 + kept, dd, dtype=torch.bfloat16, device=dev, grad=True)  # [N, 1+K, Dd], decoder_embed's
+    token = _empty(1, 1, dd, dtype=pt, device=dev, grad=True)
+    pos = _empty(1, 1 + num_patches, dd, dtype=pt, device=dev, grad=pos_grad)
+    _backward(decoder_assemble(x, masking.ids_restore, token, pos), x, token, pos)
+
+
+def run_mae(rec, models: list[str] | None = None, device: str = "cpu") -> None:
+    """Make every launch of an MAE step for ``models`` (keys of MODELS) on ``device``, tagging them on ``rec`` (a
+    :class:`tests.compile_harness.LaunchRecorder`) with ``op``, ``model``, ``mode`` (and ``seq``, ``unused``).
+    Launches that MAE never makes are made last and dropped when they repeat one of its own (same code and grid)."""
+    import torch
+
+    from fastmae.configs import get_config
+    from fastmae.masking import random_masking
+
+    torch.manual_seed(0)
+    for model in models or list(MODELS):
+        cfg = get_config(MODELS[model])
+        num_patches = (cfg.img_size // cfg.patch_size) ** 2
+        masking = random_masking(BATCH, num_patches, MASK_RATIO, device)
+        kept = masking.ids_keep.shape[1]
+        first = len(rec.launches)
+        with rec.tagged(model=model):
+            for mode in MODES:
+                with rec.tagged(mode=mode):
+                    with rec.tagged(op="patch_embed"):
+                        _patch_embed(cfg, masking, mode)
+                    with rec.tagged(op="masked_mse"):
+                        _loss(cfg, masking, mode, rows=False)
+                    with rec.tagged(op="masked_mse_rows"):
+                        _loss(cfg, masking, mode, rows=True)
+                    with rec.tagged(op="decoder_assembly"):
+                        _decoder_input(cfg, masking, mode)
+            with rec.tagged(mode="bf16/amp"):
+                with rec.tagged(op="attention", seq="enc"):
+                    _attention(1 + kept, cfg.embed_dim, cfg.num_heads, device)
+                with rec.tagged(op="attention", seq="dec"):
+                    _attention(1 + num_patches, cfg.decoder_embed_dim, cfg.decoder_num_heads, device)
+        used = {ln.key_grid() for ln in rec.launches[first:]}
+        extra_from = len(rec.launches)
+        with rec.tagged(model=model, unused="unused in MAE"):
+            for mode in MODES:
+                with rec.tagged(mode=mode):
+                    with rec.tagged(op="patch_embed"):
+                        _patch_embed(cfg, masking, mode, img_grad=True)
+                    with rec.tagged(op="decoder_assembly"):
+                        _decoder_input(cfg, masking, mode, pos_grad=True)
+        rec.drop(i for i in range(extra_from, len(rec.launches)) if rec.launches[i].key_grid() in used)
+
+
+def capture_mae(models: list[str] | None = None, arch: int = 90) -> list:
+    """The launches (:class:`tests.compile_harness.Launch`) of :func:`run_mae` on CPU tensors, captured for
+    ``sm_<arch>``; to run where kernels are compiled, not interpreted (see :func:`collect`)."""
+    from tests.compile_harness import capture_launches
+
+    with capture_launches(arch) as rec:
+        run_mae(rec, models)
+    return rec.launches
+
+
+def collect(models: list[str] | None = None, jobs: int | None = None, cache=None) -> list[tuple]:
+    """``(launch, figures)`` for every MAE launch (see :func:`tests.static_analysis.summarize`), compiled for
+    sm_90a (cached). ``figures`` is ``{"error": ...}`` for a launch that did not compile."""
+    from tests.compile_harness import capture_in_subprocess, compile_launches
+    from tests.static_analysis import summarize
+
+    launches = capture_in_subprocess("tests.mae_launches:capture_mae", models=models)
+    artifacts = compile_launches(launches, jobs=jobs, cache=cache)
+    out = []
+    for launch, art in zip(launches, artifacts):
+        figures = {"error": art["error"]} if "error" in art else summarize(launch, art)
+        if "compile_s" in art:
+            figures["compile_s"], figures["cached"] = art["compile_s"], art["cached"]
+        out.append((launch, figures))
+    return out
+
+
+def _join(values) -> str:
+    return "+".join(dict.fromkeys(v for v in values if v))
+
+
+def label(launches: list) -> str:
+    """A readable name for launches that share one compiled kernel: ``op.kernel[models,modes,seq,wXsY]``, from the
+    tags of those MAE makes itself (of all, marked ``unused in MAE``, when it makes none)."""
+    used = [ln for ln in launches if not ln.tags.get("unused")] or launches
+    first = used[0]
+    parts = [_join(ln.tags.get(k) for ln in used) for k in ("model", "mode", "seq")]
+    parts.append(f"w{first.options['num_warps']}s{first.options['num_stages']}")
+    if used is launches and first.tags.get("unused"):
+        parts.append(first.tags["unused"])
+    ops = _join(ln.tags.get("op") for ln in used)
+    return f"{ops}.{first.kernel.lstrip('_')}[{','.join(p for p in parts if p)}]"
+
+
+def group(results: list[tuple], by=lambda launch: launch.key()) -> dict[str, list[tuple]]:
+    """``results`` (``(launch, figures)`` pairs) grouped by ``by`` (default: the compiled kernel), in first-seen
+    order, under their :func:`label`."""
+    groups: dict = {}
+    for launch, figures in results:
+        groups.setdefault(by(launch), []).append((launch, figures))
+    out: dict = {}
+    for members in groups.values():
+        name = label([ln for ln, _ in members])
+        if name in out:
+            raise ValueError(f"two different kernels are both named {name}")
+        out[name] = members
+    return out
