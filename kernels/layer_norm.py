@@ -97,8 +97,8 @@ def _bwd_kernel(
     cols = tl.arange(0, D_PAD)
     col_ok = cols < D
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    db = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    dw = tl.zeros([D_PAD], dtype=tl.float32)
+    db = tl.zeros([D_PAD], dtype=tl.float32)
     for tile in range(pid, tl.cdiv(M, BLOCK_M), n_progs):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
@@ -118,10 +118,10 @@ def _bwd_kernel(
         tl.store(DX + r * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_DBRANCH:
             tl.store(DBranch + r * stride_dbranch + cols[None, :], dx.to(DBranch.dtype.element_ty), mask=mask)
-        dw += dy * xhat
-        db += dy
-    tl.store(DWPart + pid * D + cols, tl.sum(dw, axis=0), mask=col_ok)
-    tl.store(DBPart + pid * D + cols, tl.sum(db, axis=0), mask=col_ok)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(DWPart + pid * D + cols, dw, mask=col_ok)
+    tl.store(DBPart + pid * D + cols, db, mask=col_ok)
 
 
 @triton.jit
