@@ -14,6 +14,7 @@ from fastmae.kernels._common import poison_outputs
 
 from fastmae import reference
 from tests.compile_harness import ARCHS, SHARED_LIMIT, KernelSpec, compile_specs
+from tests.test_layer_norm import registered_kernels
 from tests.tolerance import assert_within_eager_error, atol_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,6 +152,11 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(gl, "_INTERPRETED", False)
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         gl.gelu(torch.randn(2, 8))
+
+
+def test_compiled_build_registers_triton_ops_with_their_kernels():
+    found = registered_kernels(("fastmae::gelu_fwd", "fastmae::gelu_bwd"))
+    assert found == [["_fwd_kernel"], ["_bwd_dbias_kernel", "_bwd_kernel"]]
 
 
 # ---- GPU only -------------------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ GPU (``-m cuda``): bf16 at MAE's row counts, autocast, and torch.compile with In
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -213,6 +217,24 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
         ln.layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8))
 
 
+def registered_kernels(ops: tuple[str, ...]) -> list[list[str]]:
+    """The kernel names torch.library finds in each triton_op's body (torch.compile's cache keys hash their
+    sources), from a process without the interpreter, where the ops are triton_ops."""
+    code = "import json, torch._library.triton as t, fastmae.kernels.layer_norm, fastmae.kernels.gelu\n"
+    code += (
+        f"for op in {ops!r}:\n    print(json.dumps(sorted(k.fn.__name__ for k in t.get_triton_kernels_for_op(op))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()[-len(ops) :]]
+
+
+def test_compiled_build_registers_triton_ops_with_their_kernels():
+    found = registered_kernels(("fastmae::layer_norm_fwd", "fastmae::layer_norm_bwd"))
+    assert found == [["_fwd_kernel"], ["_bwd_dwdb_kernel", "_bwd_kernel"]]
+
+
 # ---- GPU only -------------------------------------------------------------------------------------------------------
 
 
@@ -260,8 +282,8 @@ def test_torch_compile_inductor_cuda():
 
 MOD = ln.__name__
 LIMIT = min(SHARED_LIMIT.values())
-# Widths that give every tile config (D_PAD 256, 512, 1024, 2048) and a non-power of two.
-COMPILE_WIDTHS = (192, 512, 768, 1000, 1280)
+# Widths that give every tile config (D_PAD 256, 512, 1024, 2048, and the largest, 8192) and a non-power of two.
+COMPILE_WIDTHS = (192, 512, 768, 1000, 1280, 8192)
 # (x, branch, x_new, y) dtypes: the autocast mix MAE runs (every width), plain fp16 / fp32 (smallest and widest).
 FWD_DTYPES = [("fp32", "bf16", "fp32", "bf16"), ("fp16", "fp16", "fp16", "fp16"), ("fp32", "fp32", "fp32", "fp32")]
 
