@@ -123,6 +123,18 @@ def test_model_with_fused_blocks_matches_eager(pred_masked_only, bias_in_gelu, m
         assert_within_eager_error(grads["triton"][k], grads["fp64"][k], grads["eager"][k], torch.float32, k)
 
 
+def test_other_norm_layers_run_eagerly(monkeypatch):
+    """A norm that is not an affine nn.LayerNorm (here RMSNorm) is called as a module, never through the kernel."""
+    calls = only_kernels(monkeypatch, {"layer_norm", "gelu"})
+    torch.manual_seed(0)
+    blk = layers.Block(32, 2, 2.0, torch.nn.RMSNorm, "triton").to(DEVICE)
+    x, branch = torch.randn(2, 5, 32, device=DEVICE), torch.randn(2, 5, 32, device=DEVICE)
+    residual, y = layers.add_norm("triton", blk.norm1, x, branch)
+    assert torch.equal(residual, x + branch) and torch.equal(y, blk.norm1(x + branch))
+    blk(x)
+    assert "layer_norm" not in calls and calls == ["gelu"]
+
+
 def test_eager_model_is_bitwise_the_timm_reference():
     """impl="eager" runs the blocks through forward_pending and add_norm: still the very ops of timm's blocks."""
     torch.manual_seed(0)
