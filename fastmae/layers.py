@@ -89,8 +89,9 @@ def add_norm(impl: str, norm: nn.Module, x: torch.Tensor, branch: torch.Tensor |
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
 
-    :meth:`forward_pending` leaves the block's last residual add to its caller, which fuses it with the LayerNorm
-    that follows (the next block's norm1, or the final norm); :meth:`forward` is the plain block.
+    With ``pending=True`` the block leaves its last residual add to the caller, which fuses it with the LayerNorm
+    that follows (the next block's norm1, or the final norm): see :func:`run_blocks`. Called as a module either way,
+    so module hooks (FSDP's, for one) run.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_layer, impl: str = "auto"):
@@ -109,16 +110,19 @@ class Block(nn.Module):
     def impl(self, value: str) -> None:
         self.attn.impl = self.mlp.impl = value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, branch = self.forward_pending(x)
-        return x + branch
+    def forward(
+        self, x: torch.Tensor, branch: torch.Tensor | None = None, pending: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + branch`` (``branch``: the previous block's last add, still pending).
 
-    def forward_pending(self, x: torch.Tensor, branch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on ``x + branch`` (its input with the previous block's last add still pending), returning its
-        own output the same way, ``(x, branch)``: every residual add runs fused with the LayerNorm after it."""
+        Returns:
+            The block's output, or with ``pending`` the pair ``(x, branch)`` whose sum it is, the add left to the
+            caller: every residual add then runs fused with the LayerNorm after it.
+        """
         x, h = add_norm(self.impl, self.norm1, x, branch)  # x += branch; h = norm1(x)
         x, h = add_norm(self.impl, self.norm2, x, self.attn(h))  # x += attn(h); h = norm2(x)
-        return x, self.mlp(h)
+        branch = self.mlp(h)
+        return (x, branch) if pending else x + branch
 
 
 def run_blocks(blocks, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,5 +130,5 @@ def run_blocks(blocks, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
     ``x + branch`` (x itself when there are no blocks and branch is None)."""
     branch = None
     for blk in blocks:
-        x, branch = blk.forward_pending(x, branch)
+        x, branch = blk(x, branch, pending=True)
     return x, branch

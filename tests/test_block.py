@@ -78,14 +78,17 @@ def test_fused_blocks_match_eager(bias_in_gelu, monkeypatch):
         assert_within_eager_error(grads[k], grads_hi[k], grads_lo[k], torch.float32, k)
 
 
-def test_block_forward_is_the_pending_form_summed(monkeypatch):
-    """``Block.forward`` (the plain block) equals forward_pending's ``x + branch``, on the kernels and eagerly."""
+def test_block_output_is_the_pending_pair_summed(monkeypatch):
+    """The plain block's output equals the pending form's ``x + branch``, on the kernels and eagerly, and the
+    pending form runs the module's hooks."""
     only_kernels(monkeypatch, {"layer_norm", "gelu"})
     x = torch.randn(3, 5, 32, device=DEVICE)
     for impl in ("triton", "eager"):
         (blk,), _ = blocks_and_norm(32, 2, 1, impl)
-        residual, branch = blk.forward_pending(x)
-        assert torch.equal(blk(x), residual + branch)
+        seen: list[str] = []
+        blk.register_forward_pre_hook(lambda module, args, seen=seen, impl=impl: seen.append(impl))
+        residual, branch = blk(x, pending=True)
+        assert torch.equal(blk(x), residual + branch) and seen == [impl, impl]
 
 
 @pytest.mark.parametrize(
@@ -136,7 +139,7 @@ def test_other_norm_layers_run_eagerly(monkeypatch):
 
 
 def test_eager_model_is_bitwise_the_timm_reference():
-    """impl="eager" runs the blocks through forward_pending and add_norm: still the very ops of timm's blocks."""
+    """impl="eager" runs the blocks in the pending form through add_norm: still the very ops of timm's blocks."""
     torch.manual_seed(0)
     model = fastmae.create_model(NAME, impl="eager")
     ref = MaskedAutoencoderViT(**fastmae.get_config(NAME).kwargs())
