@@ -258,7 +258,8 @@ def test_autocast_output_dtype_cuda():
         x_new, y = ln.layer_norm(x, weight, bias, branch)
         y_eager = reference.layer_norm(x, weight, bias, branch)[1]
     assert y.dtype == torch.bfloat16 and x_new.dtype == torch.float32 and y_eager.dtype == torch.float32
-    assert torch.equal(y, y_eager.to(torch.bfloat16))
+    y_hi = reference.layer_norm(*(t.double() for t in (x, weight, bias, branch)))[1]
+    assert_within_eager_error(y, y_hi, y_eager.to(torch.bfloat16), torch.bfloat16, "y")
     y.float().sum().backward()
     assert weight.grad.dtype == torch.float32
 
@@ -275,7 +276,8 @@ def test_torch_compile_inductor_cuda():
     torch._dynamo.reset()
     got = torch.compile(fn, fullgraph=True)(x, branch)
     want = fn(x, branch)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(got[0], want[0])  # the add: elementwise, bitwise
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2**-7, atol=1e-2)  # row sums may reorder
 
 
 # ---- sm_80 / sm_90 compilation of every kernel and config ----------------------------------------------------------
