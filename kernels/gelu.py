@@ -117,6 +117,8 @@ def _bwd_dbias_kernel(DBiasPart, DBias, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl
 # Tuning (H100, not yet measured on a GPU): elementwise and memory-bound; tiles of TILE = 4096 elements (32 per
 # thread at 4 warps: four 16-byte bf16 vectors per tensor), no autotuning. BWD_PROGRAMS programs per column block
 # when a bias is fused: the [P, H] fp32 partials are ~2% of the backward's traffic at ViT-B's 12800 × 3072.
+# ptxas (sm_80/sm_90, bf16, H = 3072/2048): forward 35-71 registers, backward 72-128, no spills; 128-bit vectors
+# throughout; 4 KB shared memory where the fp32 bias changes layout to match the bf16 tile.
 TILE = 4096
 MAX_BLOCK_N = 1024
 NUM_WARPS = 4

@@ -147,7 +147,9 @@ def _bwd_dwdb_kernel(
 # (16 fp32 values per thread per live tensor at 4 warps), one warp per 256 padded columns from D_PAD = 2048 up, no
 # autotuning (the configs follow D, and the dw/db reduction order with them). BWD_PROGRAMS bounds the partial
 # buffer: 512 programs (~4 per H100 SM) keep enough loads in flight while the [P, D] fp32 partials stay ~4% of
-# the backward's traffic at ViT-B's 12800 rows.
+# the backward's traffic at ViT-B's 12800 rows. ptxas (sm_80/sm_90, bf16 under autocast, D = 512/768/1280): forward
+# 38-56 registers, backward 64-122, no spills; 4-8 KB shared memory for the cross-warp row sums; every row load and
+# store a 128-bit vector.
 TILE = 2048
 BWD_PROGRAMS = 512
 DWDB_BLOCK_P, DWDB_BLOCK_N = 64, 32
