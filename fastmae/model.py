@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from . import ops, reference
 from .configs import get_config
-from .layers import Block, PatchEmbed
+from .layers import Block, PatchEmbed, add_norm, run_blocks
 from .masking import num_kept, random_masking
 from .pos_embed import sincos_2d
 
@@ -95,7 +95,7 @@ class MAE(nn.Module):
         value = ops.resolve_impl(value)
         self._impl = value
         for blk in [*self.blocks, *self.decoder_blocks]:
-            blk.attn.impl = value
+            blk.impl = value
 
     @property
     def num_patches(self) -> int:
@@ -163,9 +163,9 @@ class MAE(nn.Module):
         x = ops.patch_embed_visible(
             self.impl, imgs, ids_keep, proj.weight, proj.bias, self.pos_embed, self.cls_token
         )  # [N, 1+K, D]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
+        x, branch = run_blocks(self.blocks, x)
+        _, latent = add_norm(self.impl, self.norm, x, branch, x.dtype)  # the last add fused with the norm
+        return latent, mask, ids_restore
 
     def forward_decoder(
         self, latent: torch.Tensor, ids_restore: torch.Tensor, masked_ids: torch.Tensor | None = None
@@ -177,12 +177,12 @@ class MAE(nn.Module):
         """
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
         x = ops.decoder_assemble(self.impl, x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x, branch = run_blocks(self.decoder_blocks, x)
+        x = x if branch is None else x + branch  # [N, 1+L, Dd]
         if masked_ids is not None:
             x = torch.gather(x[:, 1:, :], 1, masked_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, M, Dd]
-            return self.decoder_pred(self.decoder_norm(x))  # [N, M, p²C]
-        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1+L, p²C]
+            return self.decoder_pred(add_norm(self.impl, self.decoder_norm, x)[1])  # [N, M, p²C]
+        x = self.decoder_pred(add_norm(self.impl, self.decoder_norm, x)[1])  # [N, 1+L, p²C]
         return x[:, 1:, :]  # [N, L, p²C]
 
     def forward_loss(

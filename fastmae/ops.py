@@ -29,6 +29,8 @@ KERNELS: dict[str, tuple[str, str]] = {
     "masked_mse": ("fastmae.kernels.masked_mse", "masked_mse_loss"),
     "masked_mse_rows": ("fastmae.kernels.masked_mse", "masked_mse_loss_rows"),
     "decoder_assembly": ("fastmae.kernels.decoder_assembly", "decoder_assemble"),
+    "layer_norm": ("fastmae.kernels.layer_norm", "layer_norm"),
+    "gelu": ("fastmae.kernels.gelu", "gelu"),
 }
 
 
@@ -116,3 +118,15 @@ def decoder_assemble(impl: str, x, ids_restore, mask_token, pos_embed) -> torch.
     use = use_triton(impl, "decoder_assembly", x)
     fn = triton_kernel("decoder_assembly") if use else reference.decoder_assemble
     return fn(x, ids_restore, mask_token, pos_embed)
+
+
+def layer_norm(impl: str, x, weight, bias, branch=None, eps: float = 1e-6, out_dtype=None):
+    """See :func:`fastmae.reference.layer_norm`; under CUDA autocast the kernel writes y in the autocast dtype."""
+    fn = triton_kernel("layer_norm") if use_triton(impl, "layer_norm", x) else reference.layer_norm
+    return fn(x, weight, bias, branch, eps, out_dtype)
+
+
+def gelu(impl: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`fastmae.reference.gelu`; the kernel returns x's dtype."""
+    fn = triton_kernel("gelu") if use_triton(impl, "gelu", x) else reference.gelu
+    return fn(x, bias)

@@ -22,6 +22,8 @@ __all__ = [
     "MaskedAutoencoderViT",
     "attention",
     "decoder_assemble",
+    "gelu",
+    "layer_norm",
     "masked_mse_loss",
     "patch_embed_visible",
     "patchify",
@@ -107,6 +109,47 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     attn = attn.softmax(dim=-1)
     out = attn @ v  # [B, H, N, d]
     return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    branch: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim, after an optional residual add: a transformer block's ``x + branch, norm(x)``.
+
+    Args:
+        x: ``[..., D]``, the residual stream.
+        weight, bias: ``[D]``.
+        branch: optional ``[..., D]`` added to x first.
+        eps: added to the variance (MAE: 1e-6).
+        out_dtype: cast the normalized output to it (None: ``F.layer_norm``'s dtype, fp32 under autocast).
+
+    Returns:
+        ``y = F.layer_norm(x_new)`` with ``x_new = x + branch`` (x without a branch): ``y``, or ``(x_new, y)``
+        with a branch.
+    """
+    x_new = x if branch is None else x + branch
+    y = F.layer_norm(x_new, x_new.shape[-1:], weight, bias, eps)
+    if out_dtype is not None:
+        y = y.to(out_dtype)
+    return y if branch is None else (x_new, y)
+
+
+def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact (erf) GELU of ``x + bias``: an MLP's activation, with fc1's bias added here when fc1 runs without it.
+
+    Args:
+        x: ``[..., H]``, fc1's output.
+        bias: optional ``[H]``.
+
+    Returns:
+        ``0.5 · z · (1 + erf(z / √2))`` with ``z = x + bias`` (x without a bias), in z's dtype.
+    """
+    return F.gelu(x if bias is None else x + bias)
 
 
 def masked_mse_loss(

@@ -10,4 +10,6 @@ the eager op in :mod:`fastmae.reference`. Nothing here imports fastmae's model c
   ``masked_mse.masked_mse_loss_rows`` scores predictions made for the masked patches only, and
   ``masked_mse.check_mask_errors`` raises a pending all-zero-mask error found on the GPU.
 - ``decoder_assembly.decoder_assemble``: visible tokens + mask tokens, unshuffled, + positions, in one pass.
+- ``layer_norm.layer_norm``: LayerNorm fused with the residual add before it, output in the next GEMM's dtype.
+- ``gelu.gelu``: exact GELU, optionally of ``x + bias`` (fc1's bias), one read and one write each way.
 """

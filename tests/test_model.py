@@ -199,7 +199,7 @@ class TestImpl:
     def test_setter_propagates(self):
         model = fastmae.mae_vit_nano_patch8(impl="auto")
         model.impl = "eager"
-        assert all(b.attn.impl == "eager" for b in [*model.blocks, *model.decoder_blocks])
+        assert all(b.attn.impl == b.mlp.impl == "eager" for b in [*model.blocks, *model.decoder_blocks])
 
     def test_triton_on_cpu_without_interpreter_is_a_clear_error(self, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -218,4 +218,4 @@ class TestImpl:
         asked = set()
         monkeypatch.setattr(fastmae.ops, "triton_kernel", lambda op: asked.add(op))  # None: no kernel, eager
         fastmae.mae_vit_nano_patch8(impl="triton")(torch.randn(1, 3, 64, 64))
-        assert asked == {"patch_embed", "attention", "masked_mse", "decoder_assembly"}
+        assert asked == {"patch_embed", "attention", "masked_mse", "decoder_assembly", "layer_norm", "gelu"}
