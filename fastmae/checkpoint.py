@@ -243,6 +243,29 @@ def load_checkpoint(path: str | Path) -> dict:
     return dict(ckpt)
 
 
+def resume_step(ckpt: Mapping, layout: Mapping, steps_per_epoch: int, path="checkpoint") -> tuple[int, bool]:
+    """Where a run with data ``layout`` continues from a checkpoint: ``(step, exact)``.
+
+    A fastmae checkpoint of the same layout continues at its step, mid-epoch too (``exact``: restore its RNG
+    states); of another layout (e.g. more GPUs) at its epoch boundary. One written by the original code (no data
+    position) restarts at the epoch after its ``epoch``, as the original's ``load_model`` does.
+
+    Raises:
+        CheckpointError: a mid-epoch checkpoint of another layout.
+    """
+    if is_original(ckpt):
+        return (int(ckpt["epoch"]) + 1) * steps_per_epoch, False
+    pos = ckpt["position"]
+    if all(pos.get(k) == v for k, v in layout.items()):
+        return ckpt["step"], True
+    if pos["step_in_epoch"] == 0:
+        return pos["epoch"] * steps_per_epoch, False
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} stopped mid-epoch with {dict(pos)}; this run has {dict(layout)}: an exact "
+        "mid-epoch resume needs the same layout (or resume from an end-of-epoch checkpoint)"
+    )
+
+
 def optimizer_by_index(state: Mapping) -> dict:
     """A full optimizer state dict keyed by parameter names (``torch.distributed.checkpoint``'s form) in
     ``Optimizer.state_dict()``'s form: integer ids numbered through the groups in order, as the original writes."""

@@ -21,6 +21,7 @@ import io
 import itertools
 import math
 import struct
+import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
@@ -71,6 +72,29 @@ class BadImage(NamedTuple):
     index: int
     path: str
     reason: str
+
+
+class BadImageLog:
+    """Prints each unreadable image once (on stderr), the first time it is met.
+
+    Args:
+        prefix: put before each line (e.g. the rank).
+    """
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.seen: set[str] = set()
+
+    def __call__(self, bad: BadImage) -> None:
+        if bad.path in self.seen:
+            return
+        self.seen.add(bad.path)
+        print(
+            f"{self.prefix}skipping unreadable image {bad.path} ({bad.reason}); the next readable image takes its "
+            "place (--bad-images error stops instead)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def read_image(path: str | Path) -> Image.Image:

@@ -30,6 +30,14 @@ class LoadResult(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
 
+    def summary(self, num_keys: int) -> str:
+        """One line: how many of the model's ``num_keys`` entries were loaded, and the keys left on each side."""
+        show = lambda keys: f"{len(keys)} {keys[:4]}{'...' if len(keys) > 4 else ''}"
+        return (
+            f"{num_keys - len(self.missing_keys)} of {num_keys} tensors loaded; missing (kept as initialized): "
+            f"{show(self.missing_keys)}; unexpected (ignored): {show(self.unexpected_keys)}"
+        )
+
 
 class MAE(nn.Module):
     """Masked Autoencoder with a ViT backbone: the original architecture, keys and outputs, with fused kernels.
