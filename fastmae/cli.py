@@ -28,6 +28,20 @@ class LegacyFlag(NamedTuple):
     field: str | None = None
 
 
+TORCHRUN = "set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); ignored"
+SUBMITIT = "a submitit scheduler flag; fastmae submits no job: run torchrun --nnodes N --nproc_per_node G; ignored"
+# The flags of the original MAE main_pretrain.py (and submitit_pretrain.py) that a torchrun script replaces.
+ORIGINAL_PRETRAIN_FLAGS = {
+    **{name: LegacyFlag(kind, TORCHRUN) for name, kind in [("world_size", int), ("local_rank", int)]},
+    **{name: LegacyFlag(kind, TORCHRUN) for name, kind in [("dist_url", str), ("dist_on_itp", bool)]},
+    "job_dir": LegacyFlag(str, "submitit's job folder, used as --output-dir", "output_dir"),
+    **{name: LegacyFlag(kind, SUBMITIT) for name, kind in [("ngpus", int), ("nodes", int), ("timeout", int)]},
+    **{
+        name: LegacyFlag(kind, SUBMITIT) for name, kind in [("partition", str), ("comment", str), ("use_volta32", bool)]
+    },
+}
+
+
 def option(default, help: str, choices: tuple | None = None):
     """A dataclass field for :func:`build_parser`: its default, ``--help`` text and allowed values."""
     metadata = {"help": help} if choices is None else {"help": help, "choices": choices}

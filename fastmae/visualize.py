@@ -352,7 +352,8 @@ class Progress:
     pipe, or ``bar=False``).
 
     Args:
-        metrics: where records go (None on other ranks: nothing is reported, losses are still kept).
+        metrics: where records go (None on other ranks: nothing is reported, losses are still kept); closed
+            with :meth:`close`.
         start, stop: the first step this run takes is ``start + 1``; it ends at ``stop``.
         steps_per_epoch, eff_batch: to give each record its epoch and images/s.
         log_every: steps per record; its loss is the mean over those steps.
@@ -436,5 +437,8 @@ class Progress:
         )
 
     def close(self) -> None:
+        """Close the bar and the metrics log."""
         if self.bar is not None:
             self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -158,7 +158,7 @@ def test_flags_presets_and_original_spellings(tmp_path):
     assert demo.model == ("mae_vit_base_patch16" if torch.cuda.is_available() else "mae_vit_nano_patch8")
     assert pretrain.parse_args(["--preset", "demo", "--batch-size", "3"]).batch_size == 3  # flags win
     fields = {f.name for f in pretrain.dataclasses.fields(pretrain.TrainConfig)}
-    help_text = cli.build_parser(pretrain.TrainConfig, "MAE pretraining", pretrain.LEGACY_FLAGS).format_help()
+    help_text = cli.build_parser(pretrain.TrainConfig, "MAE pretraining", cli.ORIGINAL_PRETRAIN_FLAGS).format_help()
     assert all(f"--{name.replace('_', '-')}" in help_text for name in fields)
 
 

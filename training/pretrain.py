@@ -2,8 +2,7 @@
 
 Commands (run from the repository root)::
 
-    make pretrain                                   # demo on the embedded images (CPU: small model; GPU: ViT-B)
-    python training/pretrain.py --preset demo       # the same, without make
+    python training/pretrain.py --preset demo       # = make pretrain: the embedded images (CPU: toy; GPU: ViT-B)
     python training/pretrain.py --help              # every flag (each field of TrainConfig below)
 
     # one GPU, your images in DIR/train/<class>/*.jpg (torchvision ImageFolder, as the original reads ImageNet)
@@ -14,15 +13,11 @@ Commands (run from the repository root)::
         --batch-size 128 --accum-iter 4 --epochs 800 --warmup-epochs 40 --blr 1.5e-4 --norm-pix-loss \
         --output-dir runs/vitl
 
-    # ViT-H with parameters, gradients and optimizer state sharded (FSDP2) instead of replicated (DDP)
-    torchrun --nproc_per_node=8 training/pretrain.py --model mae_vit_huge_patch14 --fsdp --data-path ... ...
-
     # continue a killed run exactly where its newest checkpoint left it (same command plus --resume; with
     # 'auto' and no checkpoint yet it starts afresh, so a preemptible job can always pass it)
     torchrun --nproc_per_node=8 training/pretrain.py ... --output-dir runs/vitl --save-every-steps 500 --resume auto
 
-    # continue pretraining released weights on your images: new optimizer and schedule
-    python training/pretrain.py --model mae_vit_base_patch16 --data-path DIR --init-from mae_pretrain_vit_base.pth
+    # continue pretraining released weights on your images (new optimizer and schedule): --init-from FILE.pth
 
 The original ``main_pretrain.py`` command lines work unchanged (its flag spellings, ``--resume`` of its
 checkpoints, and its distributed flags, which torchrun replaces). Outputs in ``--output-dir``:
@@ -40,6 +35,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 import fastmae
 from fastmae import checkpoint as ckpt_io
 from fastmae import data, distributed, schedule, visualize
-from fastmae.cli import LegacyFlag, option, parse_config
+from fastmae.cli import ORIGINAL_PRETRAIN_FLAGS, option, parse_config
 from fastmae.distributed import Dist
 from fastmae.model import encoder_state
 
@@ -121,19 +117,6 @@ def demo_preset(cuda: bool) -> dict:
 
 PRESETS = {"demo": demo_preset}
 
-TORCHRUN = "set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); ignored"
-SUBMITIT = "a submitit scheduler flag; fastmae submits no job: run torchrun --nnodes N --nproc_per_node G; ignored"
-# Flags of the original main_pretrain.py (and submitit_pretrain.py) with no field here: accepted, with a note.
-LEGACY_FLAGS = {
-    **{name: LegacyFlag(kind, TORCHRUN) for name, kind in [("world_size", int), ("local_rank", int)]},
-    **{name: LegacyFlag(kind, TORCHRUN) for name, kind in [("dist_url", str), ("dist_on_itp", bool)]},
-    "job_dir": LegacyFlag(str, "submitit's job folder, used as --output-dir", "output_dir"),
-    **{name: LegacyFlag(kind, SUBMITIT) for name, kind in [("ngpus", int), ("nodes", int), ("timeout", int)]},
-    **{
-        name: LegacyFlag(kind, SUBMITIT) for name, kind in [("partition", str), ("comment", str), ("use_volta32", bool)]
-    },
-}
-
 
 class ConfigError(ValueError):
     """A flag value that cannot work; reported before anything heavy starts."""
@@ -147,7 +130,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The config from the command line: dataclass defaults < ``--preset`` values < explicit flags; the original's
     obsolete flags each print a one-line note."""
     presets = {name: (lambda make=make: make(torch.cuda.is_available())) for name, make in PRESETS.items()}
-    return parse_config(TrainConfig, argv, "MAE pretraining (fastmae).", presets, LEGACY_FLAGS, validate, ConfigError)
+    return parse_config(
+        TrainConfig, argv, "MAE pretraining (fastmae).", presets, ORIGINAL_PRETRAIN_FLAGS, validate, ConfigError
+    )
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -344,9 +329,9 @@ FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def build(cfg: TrainConfig, env: Dist) -> Run:
     """Output folder, data, model, optimizer and precision; the checkpoint to resume, if any."""
     out = Path(cfg.output_dir)
-    if env.main and (warning := cpu_size_warning(cfg)):
-        print(warning, file=sys.stderr, flush=True)
     if env.main:
+        if warning := cpu_size_warning(cfg):
+            print(warning, file=sys.stderr, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         ckpt_io.remove_stale_temps(out)
     env.barrier()
@@ -402,9 +387,9 @@ def resume(run: Run) -> int:
     if exact and len(ck.get("rng", [])) == run.env.world:
         ckpt_io.set_rng_state(ck["rng"][run.env.rank])
     if ckpt_io.is_original(ck) and run.env.main:
-        done = ck["epoch"]
-        print(f"pretrain: {path} was written by the original MAE code after epoch {done}: model, optimizer and "
-              f"loss scale loaded; training restarts at epoch {done + 1} (step {step})", flush=True)  # fmt: skip
+        epoch = step // run.steps_per_epoch
+        print(f"pretrain: {path} was written by the original MAE code after epoch {epoch - 1}: model, optimizer and "
+              f"loss scale loaded; training restarts at epoch {epoch} (step {step})", flush=True)  # fmt: skip
     return step
 
 
@@ -429,8 +414,8 @@ def announce(run: Run, start: int) -> None:
 
 @dataclass
 class StepStats:
-    """One optimizer step's numbers, the same on every rank: the loss (mean over micro-steps and ranks), the
-    gradient norm, the learning rate and the unreadable images replaced (all ranks)."""
+    """One step's numbers, the same on every rank: loss (mean over micro-steps and ranks), gradient norm, lr and
+    unreadable images skipped (all ranks)."""
 
     loss: float
     grad_norm: float
@@ -438,15 +423,28 @@ class StepStats:
     bad_images: int
 
 
-def train_step(run: Run, step: int, batches) -> StepStats:
-    """Optimizer step ``step + 1``: ``accum_iter`` micro-batches from ``batches``, then one AdamW update."""
+def batches(run: Run, start: int) -> Iterator[tuple[int, list[data.ViewBatch]]]:
+    """``(step, its accum_iter micro-batches)`` for the steps from ``start`` to the end, epoch by epoch; an epoch
+    entered part-way skips the views its earlier steps consumed."""
+    cfg, spe, step = run.cfg, run.steps_per_epoch, start
+    while step < run.stop_step:
+        epoch, in_epoch = divmod(step, spe)
+        run.data.sampler.set_epoch(epoch, start=in_epoch * cfg.accum_iter * cfg.batch_size)
+        loader, end = iter(run.data.loader), min(run.stop_step, (epoch + 1) * spe)
+        for i in range(step, end):
+            yield i, [next(loader) for _ in range(cfg.accum_iter)]
+        step = end
+        del loader
+
+
+def train_step(run: Run, step: int, micro_batches: list[data.ViewBatch]) -> StepStats:
+    """Optimizer step ``step + 1``: forward and backward of each micro-batch, then one AdamW update."""
     cfg, env, raw = run.cfg, run.env, run.net.raw
     epoch, in_epoch = divmod(step, run.steps_per_epoch)
     lr = schedule.lr_at(epoch + in_epoch / run.steps_per_epoch, run.peak_lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr)
     schedule.set_lr(run.optimizer, lr)
     loss_sum, bad = torch.zeros((), device=env.device), 0
-    for micro in range(cfg.accum_iter):
-        batch = next(batches)
+    for micro, batch in enumerate(micro_batches):
         for item in batch.bad:
             run.report_bad(item)
         bad += len(batch.bad)
@@ -534,6 +532,28 @@ def render(run: Run, step: int, metrics: visualize.MetricsLog | None) -> None:
         metrics.save_loss_curve(run.out / "loss.png")
 
 
+def archived_epoch(run: Run, step: int) -> int | None:
+    """The epoch that ``step`` completes when it gets an epoch-named checkpoint: every ``--save-every-epochs``
+    (epoch % N == 0, as the original counts from 0) and the last epoch; else None."""
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    every, done = run.cfg.save_every_epochs, epoch - 1
+    return done if in_epoch == 0 and every and (done % every == 0 or done == run.cfg.epochs - 1) else None
+
+
+def finish(run: Run, step: int, saved: bool, log: visualize.Progress) -> None:
+    """The last checkpoint and picture, ``encoder.pth`` with timm keys for fine-tuning, and the closing line."""
+    if not saved:
+        save(run, step)
+    if not (run.cfg.viz_every and step % run.cfg.viz_every == 0):
+        render(run, step, log.metrics)
+    state = get_model_state_dict(run.net.raw, options=FULL_ON_CPU)
+    if run.env.main:
+        ckpt_io.atomic_save(
+            {"model": encoder_state(state), "args": dataclasses.asdict(run.cfg)}, run.out / "encoder.pth"
+        )
+        print(log.summary(step, run.out), flush=True)
+
+
 def _train(cfg: TrainConfig, env: Dist) -> RunResult:
     run = build(cfg, env)
     step = resume(run) if run.resume_path else cfg.start_epoch * run.steps_per_epoch
@@ -542,44 +562,27 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
     if env.main:
         tb_dir = cfg.log_dir or run.out / "tensorboard"
         metrics = visualize.MetricsLog(run.out, step if run.resume_path else None, cfg.tensorboard, tb_dir)
-    bar = env.main and cfg.progress and sys.stdout.isatty()
-    spe = run.steps_per_epoch
-    log = visualize.Progress(metrics, step, run.stop_step, spe, run.eff_batch, cfg.log_every, bar,
+    bar = env.main and cfg.progress and sys.stdout.isatty()  # a terminal gets a bar; a file or pipe, log lines
+    log = visualize.Progress(metrics, step, run.stop_step, run.steps_per_epoch, run.eff_batch, cfg.log_every, bar,
                              lambda: distributed.peak_memory_mb(env.device))  # fmt: skip
-    last_saved = step if run.resume_path else None
+    saved = run.resume_path is not None
     try:
         if step == 0:
             render(run, 0, metrics)
         run.net.model.train()
-        while step < run.stop_step:
-            epoch, in_epoch = divmod(step, spe)
-            run.data.sampler.set_epoch(epoch, start=in_epoch * cfg.accum_iter * cfg.batch_size)  # skip the consumed
-            batches = iter(run.data.loader)
-            while in_epoch < spe and step < run.stop_step:
-                stats = train_step(run, step, batches)
-                step, in_epoch = step + 1, in_epoch + 1
-                log.update(step, stats.loss, stats.lr, stats.grad_norm, stats.bad_images)
-                every = cfg.save_every_epochs
-                archive = in_epoch == spe and every and (epoch % every == 0 or epoch == cfg.epochs - 1)
-                if archive or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
-                    save(run, step, epoch if archive else None)
-                    last_saved = step
-                if cfg.viz_every and step % cfg.viz_every == 0:
-                    render(run, step, metrics)
-            del batches
-        if last_saved != step:
-            save(run, step)
-        if not (cfg.viz_every and step % cfg.viz_every == 0):
-            render(run, step, metrics)
-        state = get_model_state_dict(run.net.raw, options=FULL_ON_CPU)
-        if env.main:  # the encoder alone, with timm VisionTransformer keys, for fine-tuning
-            encoder = {"model": encoder_state(state), "args": dataclasses.asdict(cfg)}
-            ckpt_io.atomic_save(encoder, run.out / "encoder.pth")
-            print(log.summary(step, run.out), flush=True)
+        for done, micro_batches in batches(run, step):
+            stats = train_step(run, done, micro_batches)
+            step = done + 1
+            log.update(step, stats.loss, stats.lr, stats.grad_norm, stats.bad_images)
+            epoch_name = archived_epoch(run, step)
+            saved = epoch_name is not None or (cfg.save_every_steps and step % cfg.save_every_steps == 0)
+            if saved:
+                save(run, step, epoch_name)
+            if cfg.viz_every and step % cfg.viz_every == 0:
+                render(run, step, metrics)
+        finish(run, step, saved, log)
     finally:
         log.close()
-        if metrics is not None:
-            metrics.close()
     return RunResult(step, log.losses, run.out, ckpt_io.latest_checkpoint(run.out), run.net.raw)
 
 
@@ -589,7 +592,9 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (ConfigError, ckpt_io.CheckpointError, data.BadImageError, NonFiniteError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            message = str(e).strip().splitlines()[-1] if isinstance(e, data.BadImageError) else str(e)
+            message = str(e)
+            if isinstance(e, data.BadImageError):  # from a loader worker: the last line of its traceback
+                message = message.strip().splitlines()[-1].split("BadImageError: ")[-1]
             print(f"pretrain: error: {message}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, ConfigError) else 1
     return 0
