@@ -218,7 +218,7 @@ def loss_curve_image(
     width, height = size
     left, right, top, bottom = 64, 16, 30, 40
     x_lo, x_hi = float(steps[0]), float(steps[-1])
-    title = f"{title}, steps {steps[0]:g}–{steps[-1]:g} ({len(steps)} values)"
+    title = f"{title}, steps {steps[0]:g} to {steps[-1]:g} ({len(steps)} values)"
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
     y_lo, y_hi = float(min(losses)), float(max(losses))

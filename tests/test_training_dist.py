@@ -14,6 +14,8 @@ from fastmae import checkpoint as ck
 
 from .test_training import SCRIPT, TINY, argv_of
 
+pytestmark = pytest.mark.slow  # several torchrun jobs of 2 processes
+
 # Runs the script's train() in each process, then dumps that rank's parameters (its shard under FSDP) and losses.
 DRIVER = """
 import importlib.util, os, sys
