@@ -48,7 +48,9 @@ def option(default, help: str, choices: tuple | None = None):
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def build_parser(config: type, description: str, legacy: Mapping[str, LegacyFlag] = {}) -> argparse.ArgumentParser:
+def build_parser(
+    config: type, description: str, legacy: Mapping[str, LegacyFlag] | None = None
+) -> argparse.ArgumentParser:
     """A parser with one flag per field of the dataclass ``config`` (see the module docstring).
 
     Args:
@@ -72,7 +74,7 @@ def build_parser(config: type, description: str, legacy: Mapping[str, LegacyFlag
             parser.add_argument(f"--{f.name}", **{**kw, **_HIDDEN})
             if base is bool:
                 parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", **_HIDDEN)
-    for name, flag in legacy.items():
+    for name, flag in (legacy or {}).items():
         action = {"action": "store_true"} if flag.kind is bool else {"type": flag.kind}
         spellings = sorted({f"--{name}", f"--{name.replace('_', '-')}"})
         parser.add_argument(*spellings, dest=f"legacy:{name}", **action, **_HIDDEN)
@@ -83,8 +85,8 @@ def parse_config(
     config: type,
     argv: list[str] | None,
     description: str,
-    presets: Mapping[str, Callable[[], dict]] = {},
-    legacy: Mapping[str, LegacyFlag] = {},
+    presets: Mapping[str, Callable[[], dict]] | None = None,
+    legacy: Mapping[str, LegacyFlag] | None = None,
     validate: Callable[[object], None] | None = None,
     error: type[Exception] = ValueError,
 ):
@@ -99,6 +101,7 @@ def parse_config(
         validate: raises ``error`` for a config that cannot work; argparse then reports it (exit status 2).
         error: the exception ``validate`` raises.
     """
+    presets, legacy = presets or {}, legacy or {}
     parser = build_parser(config, description, legacy)
     args = parser.parse_args(argv)
     if getattr(args, "preset", None):

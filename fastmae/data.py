@@ -112,7 +112,7 @@ def read_image(path: str | Path) -> Image.Image:
             img.load()  # decode now, inside the try: Image.open only reads the header
         if img.mode.startswith("I;16") or img.mode == "I":
             arr = np.asarray(img).astype(np.float64)  # [H, W], 0..65535
-            img = Image.fromarray((arr / 257).round().clip(0, 255).astype(np.uint8), mode="L")
+            img = Image.fromarray((arr / 257).round().clip(0, 255).astype(np.uint8))  # mode L
         return img.convert("RGB")
     except DECODE_ERRORS as e:
         reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
