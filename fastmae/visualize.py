@@ -337,13 +337,13 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(record: dict, total: int, eta_s: float) -> str:
     """One log line for a metrics record: step/total, epoch, loss (window mean), lr, images/s, ETA, peak memory
-    (and the unreadable images replaced in the window, when any)."""
+    (and the unreadable images skipped in the window, when any)."""
     line = (
         f"step {record['step']}/{total} ({100 * record['step'] / total:.0f}%) | epoch {record['epoch']:.2f} | "
         f"loss {record['loss']:.4f} | lr {record['lr']:.3g} | {record['img_per_s']:.0f} img/s | "
         f"eta {format_duration(eta_s)} | peak mem {record['peak_mem_mb']:.0f} MiB"
     )
-    return line + (f" | {record['bad_images']} unreadable images replaced" if record.get("bad_images") else "")
+    return line + (f" | {record['bad_images']} unreadable images skipped" if record.get("bad_images") else "")
 
 
 class Progress:
@@ -430,7 +430,7 @@ class Progress:
         first, last = self.first_record, self.last_record
         first_step = lambda r: r["step"] - len(r["step_losses"]) + 1
         span = lambda r: f"step {r['step']}" if first_step(r) == r["step"] else f"steps {first_step(r)}–{r['step']}"
-        bad = f", {self.bad_total} unreadable images replaced" if self.bad_total else ""
+        bad = f", {self.bad_total} unreadable images skipped" if self.bad_total else ""
         return (
             f"done: step {step}, loss {first['loss']:.4f} ({span(first)}) → {last['loss']:.4f} ({span(last)}), "
             f"window means as logged; {took}{bad}; outputs in {output_dir}"

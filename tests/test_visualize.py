@@ -148,7 +148,7 @@ def test_progress_logs_lines_with_window_means_and_summary(tmp_path):
     assert lines[1].startswith("step 6/7 (86%) | epoch 1.50 | loss 0.5000") and "1 unreadable images" in lines[1]
     assert [r["loss"] for r in log.records] == [2.0, 0.5, 0.25] and log.records[0]["step_losses"] == losses[:3]
     summary = progress.summary(7, tmp_path)
-    assert "loss 2.0000 (steps 1–3) → 0.2500 (step 7)" in summary and "1 unreadable images replaced" in summary
+    assert "loss 2.0000 (steps 1–3) → 0.2500 (step 7)" in summary and "1 unreadable images skipped" in summary
     assert progress.losses == list(enumerate(losses, 1))
     path = log.save_loss_curve(tmp_path / "loss.png")
     assert "steps 1–7 (7 values)" in visualize.loss_curve_image(list(range(1, 8)), losses).info.get(
