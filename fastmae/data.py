@@ -7,6 +7,12 @@ per-worker RNG. So the stream does not depend on the number of loader workers, a
 sees exactly the views it would have seen (:class:`ResumableDistributedSampler` skips what was consumed).
 
 The sampler yields ``(epoch, index)`` keys, which :class:`RandomViews` turns into views.
+
+Bad images: a file that cannot be read or decoded (truncated, empty, not an image) does not stop a run. With
+``bad_images="skip"`` the view of ``(epoch, index)`` is taken from the next readable image (index + 1, + 2, ...)
+with the same random numbers, so the stream stays a pure function of ``(seed, epoch, index)`` and of the files
+on disk; the loader's batches list what was skipped (:class:`BadImage`). ``bad_images="error"`` raises
+:class:`BadImageError` naming the file instead. CMYK, palette, alpha and 16-bit images are decoded to 8-bit RGB.
 """
 
 from __future__ import annotations
@@ -14,9 +20,13 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+import struct
+import sys
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +48,75 @@ EMBEDDED_NAMES = (
     "retina",
     "immunohistochemistry",
 )
+BAD_IMAGE_POLICIES = ("skip", "error")
+# What Pillow raises on a file it cannot read or decode (truncated, empty, not an image, broken PNG chunks).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be read or decoded; the message names the file and the reason.
+
+    Args:
+        message: the full message (a one-argument constructor, so that DataLoader workers can re-raise it).
+        path, reason: the file and what went wrong, when known.
+    """
+
+    def __init__(self, message: str, path: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+class BadImage(NamedTuple):
+    """An image that was skipped: its index in the source, its path and why it could not be used."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class BadImageLog:
+    """Prints each unreadable image once (on stderr), the first time it is met.
+
+    Args:
+        prefix: put before each line (e.g. the rank).
+    """
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.seen: set[str] = set()
+
+    def __call__(self, bad: BadImage) -> None:
+        if bad.path in self.seen:
+            return
+        self.seen.add(bad.path)
+        print(
+            f"{self.prefix}skipping unreadable image {bad.path} ({bad.reason}); the next readable image takes its "
+            "place (--bad-images error stops instead)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Decode the image file at ``path`` to 8-bit RGB.
+
+    Pillow's ``convert("RGB")`` clips 16-bit greyscale (modes ``I;16*``, ``I``) to 255, a white picture; those
+    are scaled to 8 bits (÷ 257) first. CMYK, palette, greyscale and alpha images go through ``convert``.
+
+    Raises:
+        BadImageError: the file cannot be read or decoded (the message names it and gives the reason).
+    """
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # decode now, inside the try: Image.open only reads the header
+        if img.mode.startswith("I;16") or img.mode == "I":
+            arr = np.asarray(img).astype(np.float64)  # [H, W], 0..65535
+            img = Image.fromarray((arr / 257).round().clip(0, 255).astype(np.uint8))  # mode L
+        return img.convert("RGB")
+    except DECODE_ERRORS as e:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise BadImageError(f"cannot read image {str(path)!r}: {reason}", str(path), reason) from e
 
 
 class EmbeddedImages:
@@ -81,13 +160,38 @@ class FolderImages:
             raise ValueError(f"data_path {str(root)!r}: no images under train/<class>/ ({e})") from e
         self.root = train
         self.paths = [path for path, _ in folder.samples]
-        self.loader = folder.loader
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, i: int) -> Image.Image:
-        return self.loader(self.paths[i]).convert("RGB")
+        """Image ``i`` as RGB; raises :class:`BadImageError` when its file cannot be decoded."""
+        return read_image(self.paths[i])
+
+
+def load_readable(source, index: int, bad_images: str = "skip") -> tuple[Image.Image, list[BadImage]]:
+    """Image ``index`` of ``source``, or with ``bad_images="skip"`` the first readable one after it (wrapping
+    around), and the images skipped on the way.
+
+    Args:
+        source: an object with ``__len__`` and ``load(i)``, which raises :class:`BadImageError` on a bad file.
+        index: in ``[0, len(source))``.
+        bad_images: ``"skip"`` or ``"error"`` (re-raise the first :class:`BadImageError`).
+    """
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+    skipped = []
+    for k in range(len(source)):
+        i = (index + k) % len(source)
+        try:
+            return source.load(i), skipped
+        except BadImageError as e:
+            if bad_images == "error":
+                raise
+            skipped.append(BadImage(i, e.path or str(i), e.reason or str(e)))
+    raise BadImageError(
+        f"none of the {len(source)} images can be read; the first: {skipped[0].path}: {skipped[0].reason}"
+    )
 
 
 def crop_box(
@@ -147,9 +251,13 @@ class RandomViews(Dataset):
         seed: the data seed (the trainer passes ``seed + rank``).
         length: the number of views in an epoch; item ``i`` is a view of image ``i mod len(source)``.
             Defaults to ``len(source)`` (one view of every image per epoch).
+        bad_images: ``"skip"`` (view the next readable image instead) or ``"error"`` (raise
+            :class:`BadImageError`).
     """
 
-    def __init__(self, source, img_size: int, seed: int = 0, length: int | None = None):
+    def __init__(self, source, img_size: int, seed: int = 0, length: int | None = None, bad_images: str = "skip"):
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         if len(source) == 0:
             raise ValueError("the image source is empty")
         if img_size < 1:
@@ -157,6 +265,7 @@ class RandomViews(Dataset):
         self.source = source
         self.img_size = img_size
         self.seed = seed
+        self.bad_images = bad_images
         self.length = len(source) if length is None else length
         if self.length < 1:
             raise ValueError(f"length must be >= 1, got {self.length}")
@@ -164,33 +273,74 @@ class RandomViews(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def view(self, epoch: int, index: int) -> torch.Tensor:
-        """The view for ``(epoch, index)``: ``[3, img_size, img_size]`` float32, normalized."""
+    def sample(self, epoch: int, index: int) -> tuple[torch.Tensor, list[BadImage]]:
+        """The view for ``(epoch, index)`` (``[3, img_size, img_size]`` float32, normalized) and the unreadable
+        images skipped to make it (empty unless a file is bad)."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} views")
         rng = np.random.default_rng([self.seed, epoch, index])
-        img = self.source.load(index % len(self.source))
+        img, skipped = load_readable(self.source, index % len(self.source), self.bad_images)
         top, left, h, w = crop_box(img.height, img.width, rng)
         size = [self.img_size, self.img_size]
         img = TF.resized_crop(img, top, left, h, w, size, interpolation=InterpolationMode.BICUBIC)
         if rng.uniform() < 0.5:
             img = TF.hflip(img)
-        return to_model_input(img)
+        return to_model_input(img), skipped
+
+    def view(self, epoch: int, index: int) -> torch.Tensor:
+        """The view for ``(epoch, index)``: ``[3, img_size, img_size]`` float32, normalized."""
+        return self.sample(epoch, index)[0]
 
     def __getitem__(self, key) -> torch.Tensor:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} views")
         return self.view(epoch, index)
 
 
-def center_views(source, img_size: int, count: int) -> torch.Tensor:
+class _Samples(Dataset):
+    """The loader's view of a :class:`RandomViews`: each item is ``(view, skipped images)``."""
+
+    def __init__(self, views: RandomViews):
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, list[BadImage]]:
+        return self.views.sample(*key)
+
+
+class ViewBatch(NamedTuple):
+    """A loader batch: ``images [B, 3, S, S]`` and the unreadable images skipped while making it."""
+
+    images: torch.Tensor
+    bad: list[BadImage]
+
+
+def collate_views(samples: Sequence[tuple[torch.Tensor, list[BadImage]]]) -> ViewBatch:
+    """Stack the views of ``(view, skipped)`` samples into a :class:`ViewBatch`."""
+    return ViewBatch(torch.stack([view for view, _ in samples]), [b for _, bad in samples for b in bad])
+
+
+def center_views(
+    source, img_size: int, count: int, bad_images: str = "skip", on_bad: Callable[[BadImage], None] | None = None
+) -> torch.Tensor:
     """A fixed batch for looking at reconstructions: ``count`` images spread over ``source``, resized
     (shorter side, bicubic) and centre-cropped to ``img_size``: ``[count', 3, S, S]`` with
-    ``count' = min(count, len(source))``."""
+    ``count' = min(count, len(source))``.
+
+    Args:
+        source, img_size, count: as above.
+        bad_images: ``"skip"`` (take the next readable image) or ``"error"``, as :class:`RandomViews`.
+        on_bad: called with each skipped image.
+    """
     count = min(count, len(source))
     picks = np.linspace(0, len(source) - 1, count).round().astype(int)
     views = []
     for i in picks:
-        img = TF.resize(source.load(int(i)), img_size, interpolation=InterpolationMode.BICUBIC)
+        img, skipped = load_readable(source, int(i), bad_images)
+        for bad in skipped if on_bad is not None else ():
+            on_bad(bad)
+        img = TF.resize(img, img_size, interpolation=InterpolationMode.BICUBIC)
         views.append(to_model_input(TF.center_crop(img, [img_size, img_size])))
     return torch.stack(views)  # [count, 3, S, S]
 
@@ -228,7 +378,8 @@ def build_loader(
     pin_memory: bool,
     seed: int = 0,
 ) -> DataLoader:
-    """A loader over ``sampler``'s keys with full batches only (``drop_last``, as the original).
+    """A loader over ``sampler``'s keys with full batches only (``drop_last``, as the original); it yields
+    :class:`ViewBatch` es.
 
     Args:
         dataset: a :class:`RandomViews`.
@@ -239,9 +390,10 @@ def build_loader(
         seed: seeds the loader's own generator, so creating an iterator leaves the global RNG untouched.
     """
     return DataLoader(
-        dataset,
+        _Samples(dataset),
         batch_size=batch_size,
         sampler=sampler,
+        collate_fn=collate_views,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=True,

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import ops, reference
+from .checkpoint import CheckpointError, read_file
 from .configs import get_config
 from .layers import Block, PatchEmbed, add_norm, run_blocks
 from .masking import num_kept, random_masking
@@ -28,6 +29,14 @@ class LoadResult(NamedTuple):
 
     missing_keys: list[str]
     unexpected_keys: list[str]
+
+    def summary(self, num_keys: int) -> str:
+        """One line: how many of the model's ``num_keys`` entries were loaded, and the keys left on each side."""
+        show = lambda keys: f"{len(keys)} {keys[:4]}{'...' if len(keys) > 4 else ''}"
+        return (
+            f"{num_keys - len(self.missing_keys)} of {num_keys} tensors loaded; missing (kept as initialized): "
+            f"{show(self.missing_keys)}; unexpected (ignored): {show(self.unexpected_keys)}"
+        )
 
 
 class MAE(nn.Module):
@@ -129,6 +138,8 @@ class MAE(nn.Module):
             raise TypeError(f"imgs must be a torch.Tensor [N, C, H, W], got {type(imgs).__name__}")
         if imgs.dim() != 4:
             raise ValueError(f"imgs must be 4-D [N, C, H, W], got shape {list(imgs.shape)}")
+        if imgs.shape[0] == 0:
+            raise ValueError(f"imgs holds no image (shape {list(imgs.shape)}); pass a batch of at least one")
         if not imgs.is_floating_point():
             raise TypeError(f"imgs must be a floating tensor, got {imgs.dtype}")
         _, c, h, w = imgs.shape
@@ -146,26 +157,50 @@ class MAE(nn.Module):
             )
         ops.check_device(self.impl, imgs)
 
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        """Encode the visible patches.
-
-        Args:
-            imgs: ``[N, C, H, W]``.
-            mask_ratio: fraction of patches removed, in [0, 1); 0 encodes every patch (feature extraction).
-            noise: optional ``[N, L]`` noise fixing the mask (patches with the smallest noise are kept).
-
-        Returns:
-            ``(latent [N, 1+K, D], mask [N, L] with 1 = removed, ids_restore [N, L])``.
-        """
-        self._check_imgs(imgs)
-        ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.num_patches, mask_ratio, imgs.device, noise)
+    def _encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """The encoder on the patches ``ids_keep`` ``[N, K]`` (in that order) plus the cls token: ``[N, 1+K, D]``."""
         proj = self.patch_embed.proj
         x = ops.patch_embed_visible(
             self.impl, imgs, ids_keep, proj.weight, proj.bias, self.pos_embed, self.cls_token
         )  # [N, 1+K, D]
         x, branch = run_blocks(self.blocks, x)
         _, latent = add_norm(self.impl, self.norm, x, branch, x.dtype)  # the last add fused with the norm
-        return latent, mask, ids_restore
+        return latent
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Encode the visible patches, as the original does: the tokens come in shuffled order.
+
+        The K patch tokens after the cls token are those of ``ids_keep = argsort(noise)[:, :K]``, the order of
+        a random permutation, even with ``mask_ratio=0`` (every patch, shuffled). For per-patch features in
+        raster order use :meth:`forward_features`.
+
+        Args:
+            imgs: ``[N, C, H, W]``.
+            mask_ratio: fraction of patches removed, in [0, 1).
+            noise: optional ``[N, L]`` noise fixing the mask (patches with the smallest noise are kept, in
+                increasing order of noise).
+
+        Returns:
+            ``(latent [N, 1+K, D], mask [N, L] with 1 = removed, ids_restore [N, L])``; ``latent[:, 1 + k]`` is
+            patch ``argsort(ids_restore)[:, k]``.
+        """
+        self._check_imgs(imgs)
+        ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.num_patches, mask_ratio, imgs.device, noise)
+        return self._encode(imgs, ids_keep), mask, ids_restore
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder's features of every patch, in raster order, with no masking and no randomness: the
+        same as timm ``VisionTransformer.forward_features`` on :meth:`encoder_state_dict`.
+
+        Args:
+            imgs: ``[N, C, H, W]``.
+
+        Returns:
+            ``[N, 1+L, D]``: the cls token, then patch ``(i, j)`` at ``1 + i·(W/p) + j``.
+        """
+        self._check_imgs(imgs)
+        ids = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1).contiguous()  # [N, L]
+        return self._encode(imgs, ids)
 
     def forward_decoder(
         self, latent: torch.Tensor, ids_restore: torch.Tensor, masked_ids: torch.Tensor | None = None
@@ -231,19 +266,25 @@ class MAE(nn.Module):
     def load_pretrained(self, checkpoint: str | Path | Mapping[str, torch.Tensor]) -> LoadResult:
         """Load original-format MAE weights: a file or dict holding a state dict, under ``'model'`` or not.
 
-        Encoder-only files leave the decoder as initialized. Files are read with ``weights_only=True``.
+        Encoder-only files leave the decoder as initialized. Files are read with ``weights_only=True``, allowing
+        the ``argparse.Namespace`` that the original's training checkpoints hold (see
+        :func:`fastmae.checkpoint.read_file`).
 
         Args:
             checkpoint: a path, or a (possibly nested under ``'model'``) state dict.
 
         Returns:
             The missing and unexpected keys.
+
+        Raises:
+            ValueError: the file cannot be read (the message says whether it is corrupt or holds unsupported
+                objects), or a key's shape differs from the model's.
         """
         if isinstance(checkpoint, (str, Path)):
             try:
-                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ValueError(f"cannot read checkpoint {str(checkpoint)!r}: {e}") from e
+                checkpoint = read_file(checkpoint)
+            except CheckpointError as e:
+                raise ValueError(f"cannot read checkpoint: {e}") from e
         if not isinstance(checkpoint, Mapping):
             raise TypeError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
         state = checkpoint.get("model", checkpoint)

@@ -84,7 +84,7 @@ def test_loader_stream_is_independent_of_workers():
         sampler = data.ResumableDistributedSampler(ds, seed=0)
         loader = data.build_loader(ds, sampler, batch_size=4, num_workers=workers, pin_memory=False)
         sampler.set_epoch(1, start=4)
-        streams.append(torch.cat(list(loader)))
+        streams.append(torch.cat([batch.images for batch in loader]))
     assert streams[0].shape == (8, 3, 16, 16)
     assert torch.equal(streams[0], streams[1])
 
@@ -121,3 +121,108 @@ def test_denormalize_inverts_normalization():
     x = data.to_model_input(img)
     back = data.denormalize(x)
     assert torch.allclose(back * 255, torch.from_numpy(np.array(img)).permute(2, 0, 1).float(), atol=1e-3)
+
+
+def write_bad_images(folder):
+    """The files a real dataset holds now and then, next to good ones: returns {name: is_unreadable}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    good = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    good.save(folder / "a_good.jpg")
+    blob = (folder / "a_good.jpg").read_bytes()
+    (folder / "b_truncated.jpg").write_bytes(blob[: len(blob) // 2])
+    (folder / "c_empty.jpg").write_bytes(b"")
+    (folder / "d_text.jpg").write_text("this is not an image\n")
+    cmyk = Image.fromarray(rng.integers(0, 255, (40, 48, 4), dtype=np.uint8), mode="CMYK")
+    cmyk.save(folder / "e_cmyk.jpg")
+    deep = (rng.random((40, 48)) * 20000 + 20000).astype(np.uint16)  # 16-bit grey, mid-range values
+    Image.fromarray(deep).save(folder / "f_16bit.png")
+    good.save(folder / "g_good.png")
+    return {"a_good.jpg": False, "b_truncated.jpg": True, "c_empty.jpg": True, "d_text.jpg": True,
+            "e_cmyk.jpg": False, "f_16bit.png": False, "g_good.png": False}  # fmt: skip
+
+
+class OneImage:
+    """A source of ``length`` copies of image ``i`` of ``source``."""
+
+    def __init__(self, source, i, length):
+        self.source, self.i, self.length = source, i, length
+
+    def __len__(self):
+        return self.length
+
+    def load(self, _):
+        return self.source.load(self.i)
+
+
+def test_read_image_decodes_cmyk_and_16_bit_and_names_bad_files(tmp_path):
+    kinds = write_bad_images(tmp_path / "train" / "x")
+    for name, bad in kinds.items():
+        path = tmp_path / "train" / "x" / name
+        if bad:
+            with pytest.raises(data.BadImageError, match=f"cannot read image '.*{name}': ") as info:
+                data.read_image(path)
+            assert info.value.path == str(path) and info.value.reason
+            continue
+        img = data.read_image(path)
+        assert img.mode == "RGB" and img.size == (48, 40), name
+    cmyk = data.read_image(tmp_path / "train" / "x" / "e_cmyk.jpg")
+    assert np.array_equal(
+        np.asarray(cmyk), np.asarray(Image.open(tmp_path / "train" / "x" / "e_cmyk.jpg").convert("RGB"))
+    )
+    deep = np.asarray(Image.open(tmp_path / "train" / "x" / "f_16bit.png"), dtype=np.float64)
+    grey = np.asarray(data.read_image(tmp_path / "train" / "x" / "f_16bit.png"), dtype=np.float64)
+    assert np.abs(grey[..., 0] - deep / 257).max() <= 0.5 and (grey[..., 0] == grey[..., 2]).all()
+    assert 70 < grey.mean() < 160  # not the white picture a plain convert("RGB") gives
+
+
+def test_unreadable_images_are_replaced_by_the_next_readable_one(tmp_path):
+    kinds = write_bad_images(tmp_path / "train" / "x")
+    src = data.open_source(tmp_path)
+    names = [p.rsplit("/", 1)[1] for p in src.paths]
+    assert names == sorted(kinds)
+    ds = data.RandomViews(src, img_size=16, seed=5)
+    for index, name in enumerate(names):
+        view, skipped = ds.sample(2, index)
+        if kinds[name]:  # the same random numbers applied to the next readable image
+            nxt = next(i for i in range(index, len(names)) if not kinds[names[i]])
+            assert [b.index for b in skipped] == list(range(index, nxt))
+            assert all(b.path.endswith(names[b.index]) and b.reason for b in skipped)
+            good = data.RandomViews(OneImage(src, nxt, len(names)), img_size=16, seed=5)
+            assert torch.equal(view, good.view(2, index))
+        else:
+            assert skipped == []
+        assert torch.equal(view, ds.sample(2, index)[0])  # still a pure function of (seed, epoch, index)
+    strict = data.RandomViews(src, img_size=16, seed=5, bad_images="error")
+    with pytest.raises(data.BadImageError, match="b_truncated.jpg"):
+        strict[(0, 1)]
+    with pytest.raises(ValueError, match="bad_images must be one of"):
+        data.RandomViews(src, img_size=16, bad_images="ignore")
+
+
+def test_loader_reports_bad_images_the_same_for_any_worker_count(tmp_path):
+    write_bad_images(tmp_path / "train" / "x")
+    ds = data.RandomViews(data.open_source(tmp_path), img_size=16, seed=1)
+    runs = []
+    for workers in (0, 2):
+        sampler = data.ResumableDistributedSampler(ds, seed=0)
+        sampler.set_epoch(3)
+        batches = list(data.build_loader(ds, sampler, batch_size=3, num_workers=workers, pin_memory=False))
+        runs.append(batches)
+    assert len(runs[0]) == 2  # 7 images, 2 full batches of 3
+    for a, b in zip(*runs):
+        assert torch.equal(a.images, b.images) and a.bad == b.bad
+    shown = [bad for batch in runs[0] for bad in batch.bad]
+    assert all(isinstance(bad, data.BadImage) for bad in shown)
+    assert {bad.index for bad in shown} <= {1, 2, 3}
+
+
+def test_center_views_skip_bad_images(tmp_path):
+    write_bad_images(tmp_path / "train" / "x")
+    src = data.open_source(tmp_path)
+    seen = []
+    views = data.center_views(src, 16, 7, on_bad=seen.append)
+    assert views.shape == (7, 3, 16, 16) and torch.isfinite(views).all()
+    assert sorted({b.index for b in seen}) == [1, 2, 3]
+    with pytest.raises(data.BadImageError, match="b_truncated.jpg"):
+        data.center_views(src, 16, 7, bad_images="error")

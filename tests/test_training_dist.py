@@ -14,8 +14,9 @@ from fastmae import checkpoint as ck
 
 from .test_training import SCRIPT, TINY, argv_of
 
-# The three torchrun runs are a module-scoped fixture: keep the module on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("torchrun")
+# Several torchrun jobs of 2 processes, built once by a module-scoped fixture: the module stays on one
+# pytest-xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]
 
 # Runs the script's train() in each process, then dumps that rank's parameters (its shard under FSDP) and losses.
 DRIVER = """

@@ -17,31 +17,46 @@ def test_unnormalize_patches_inverts_the_loss_target():
     assert torch.allclose(visualize.unnormalize_patches(normalized, imgs, 4), target, atol=1e-5)
 
 
-def test_panels_paste_visible_patches_and_grey_out_masked():
+def test_panels_show_predictions_of_masked_patches_only():
     torch.manual_seed(0)
     imgs = torch.randn(2, 3, 16, 16).clamp(-1.5, 1.5)
     mask = torch.zeros(2, 16)
     mask[:, ::2] = 1  # every other patch removed
     pred = torch.randn(2, 16, 48)
-    original, masked, recon, pasted = visualize.reconstruction_panels(imgs, pred, mask, 4, norm_pix_loss=False)
-    for panel in (original, masked, recon, pasted):
+    original, masked, predicted, pasted = visualize.reconstruction_panels(imgs, pred, mask, 4, norm_pix_loss=False)
+    for panel in (original, masked, predicted, pasted):
         assert panel.shape == (2, 3, 16, 16) and panel.min() >= 0 and panel.max() <= 1
     removed = reference.unpatchify(mask.unsqueeze(-1).expand(-1, -1, 48), 4, 3, (4, 4)).bool()  # [2, 3, 16, 16]
+    full = data.denormalize(reference.unpatchify(pred, 4, 3, (4, 4)))
     assert torch.equal(pasted[~removed], original[~removed])
-    assert torch.equal(pasted[removed], recon[removed])
-    assert torch.allclose(masked[removed], torch.full_like(masked[removed], 0.5), atol=1e-6)
+    assert torch.equal(pasted[removed], full[removed])
+    assert torch.equal(predicted[removed], full[removed])
+    grey = torch.full_like(masked[removed], 0.5)
+    assert torch.allclose(predicted[~removed], grey, atol=1e-6)  # the untrained outputs at visible patches: unseen
+    assert torch.allclose(masked[removed], grey, atol=1e-6)
     assert torch.equal(masked[~removed], original[~removed])
-    assert torch.allclose(recon, data.denormalize(reference.unpatchify(pred, 4, 3, (4, 4))))
+    only_masked = pred[mask.bool()].view(2, 8, 48)  # what pred_masked_only=True returns, raster order
+    for a, b in zip(
+        visualize.reconstruction_panels(imgs, only_masked, mask, 4, False), (original, masked, predicted, pasted)
+    ):
+        assert torch.equal(a, b)
 
 
 def test_grid_and_files(tmp_path):
     torch.manual_seed(0)
     imgs = torch.randn(3, 3, 16, 16)
-    mask = (torch.rand(3, 16) > 0.25).float()
-    path = visualize.save_reconstructions(tmp_path / "r.png", imgs, torch.randn(3, 16, 48), mask, 4, True)
+    mask = torch.zeros(3, 16)
+    mask[:, :12] = 1
+    pred = torch.randn(3, 16, 48)
+    path = visualize.save_reconstructions(tmp_path / "r.png", imgs, pred, mask, 4, True, step=192, loss=0.41234)
     img = Image.open(path)
-    assert img.size == (4 * (128 + 4) + 4, 22 + 3 * (128 + 4) + 4)
-    assert [p.name for p in tmp_path.iterdir()] == ["r.png"]
+    assert img.size == (4 * (128 + 4) + 4, 20 + 22 + 3 * (128 + 4) + 4)  # caption, titles, rows
+    assert img.text == {"step": "192", "loss": "0.41234", "mask_ratio": "0.75"}
+    bare = Image.open(visualize.save_reconstructions(tmp_path / "b.png", imgs, pred, mask, 4, True))
+    assert bare.text == {"mask_ratio": "0.75"}
+    caption = np.asarray(img.convert("L"))[:20]  # the caption is drawn: dark pixels above the titles
+    assert (caption < 128).sum() > 50 and (np.asarray(bare.convert("L"))[: 20 - 2] < 128).sum() > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png", "r.png"]
     with pytest.raises(ValueError, match="one title per column"):
         visualize.grid_image([imgs.clamp(0, 1)], titles=("a", "b"))
 
@@ -57,7 +72,8 @@ def test_loss_curve_draws_the_falling_line(tmp_path):
     left = dark_blue[0][dark_blue[1] < dark_blue[1].min() + 10].mean()
     right = dark_blue[0][dark_blue[1] > dark_blue[1].max() - 10].mean()
     assert left < right - 100
-    visualize.loss_curve_image([5], [0.3])  # a single point draws too
+    single = np.asarray(visualize.loss_curve_image([5], [0.3]).convert("RGB")).astype(int)  # a single point draws too
+    assert (abs(single - np.array([20, 60, 160])).sum(-1) < 30).sum() > 10
     with pytest.raises(ValueError, match="as many steps as losses"):
         visualize.loss_curve_image([1, 2], [0.3])
 
@@ -95,3 +111,48 @@ def test_metrics_log_resume_drops_steps_past_the_checkpoint(tmp_path):
     fresh.close()
     assert (tmp_path / "metrics.jsonl").read_text() == ""
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def dark_blue_pixels(img):
+    arr = np.asarray(img.convert("RGB")).astype(int)
+    return int((abs(arr - np.array([20, 60, 160])).sum(-1) < 30).sum())
+
+
+def test_loss_curve_of_a_short_run_marks_every_step():
+    steps, losses = [1, 2, 3, 4], [1.06, 1.2, 0.98, 1.11]
+    auto = visualize.loss_curve_image(steps, losses)
+    plain = visualize.loss_curve_image(steps, losses, markers=False)
+    marked = visualize.loss_curve_image(steps, losses, markers=True)
+    assert np.array_equal(np.asarray(auto), np.asarray(marked))  # few values: each one is marked
+    assert dark_blue_pixels(marked) >= dark_blue_pixels(plain) + 4 * 15  # four dots of ~30 px, partly on the line
+    many = list(range(1, 62))
+    assert np.array_equal(
+        np.asarray(visualize.loss_curve_image(many, [1.0] * 61)),
+        np.asarray(visualize.loss_curve_image(many, [1.0] * 61, markers=False)),
+    )
+
+
+def test_progress_logs_lines_with_window_means_and_summary(tmp_path):
+    import io
+
+    log = visualize.MetricsLog(tmp_path, tensorboard=False)
+    out = io.StringIO()
+    progress = visualize.Progress(log, 0, 7, 4, 8, log_every=3, bar=False, memory=lambda: 12.0, stream=out)
+    losses = [1.0, 2.0, 3.0, 0.5, 0.5, 0.5, 0.25]
+    for step, loss in enumerate(losses, 1):
+        progress.update(step, loss, 0.1, 1.0, bad_images=1 if step == 5 else 0)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3  # steps 3, 6 and the last, 7
+    assert lines[0].startswith("step 3/7 (43%) | epoch 0.75 | loss 2.0000 | lr 0.1 | ")
+    assert "img/s | eta 0:00:00 | peak mem 12 MiB" in lines[0] and "unreadable" not in lines[0]
+    assert lines[1].startswith("step 6/7 (86%) | epoch 1.50 | loss 0.5000") and "1 unreadable images" in lines[1]
+    assert [r["loss"] for r in log.records] == [2.0, 0.5, 0.25] and log.records[0]["step_losses"] == losses[:3]
+    summary = progress.summary(7, tmp_path)
+    assert "loss 2.0000 (steps 1–3) → 0.2500 (step 7)" in summary and "1 unreadable images skipped" in summary
+    assert progress.losses == list(enumerate(losses, 1))
+    path = log.save_loss_curve(tmp_path / "loss.png")
+    assert "steps 1–7 (7 values)" in visualize.loss_curve_image(list(range(1, 8)), losses).info.get(
+        "title", "steps 1–7 (7 values)"
+    )
+    assert path.exists()
+    log.close()

@@ -2,8 +2,7 @@
 
 Commands (run from the repository root)::
 
-    make pretrain                                   # demo on the embedded images (CPU: small model; GPU: ViT-B)
-    python training/pretrain.py --preset demo       # the same, without make
+    python training/pretrain.py --preset demo       # = make pretrain: the embedded images (CPU: toy; GPU: ViT-B)
     python training/pretrain.py --help              # every flag (each field of TrainConfig below)
 
     # one GPU, your images in DIR/train/<class>/*.jpg (torchvision ImageFolder, as the original reads ImageNet)
@@ -11,40 +10,35 @@ Commands (run from the repository root)::
 
     # the paper's ViT-L recipe on 8 GPUs: effective batch 8 × 128 × 4 = 4096, lr = 1.5e-4 · 4096 / 256
     torchrun --nproc_per_node=8 training/pretrain.py --model mae_vit_large_patch16 --data-path /data/imagenet \
-        --batch-size 128 --accum-iter 4 --epochs 800 --warmup-epochs 40 --norm-pix-loss --output-dir runs/vitl
-
-    # ViT-H with parameters, gradients and optimizer state sharded (FSDP2) instead of replicated (DDP)
-    torchrun --nproc_per_node=8 training/pretrain.py --model mae_vit_huge_patch14 --fsdp --data-path ... ...
+        --batch-size 128 --accum-iter 4 --epochs 800 --warmup-epochs 40 --blr 1.5e-4 --norm-pix-loss \
+        --output-dir runs/vitl
 
     # continue a killed run exactly where its newest checkpoint left it (same command plus --resume; with
     # 'auto' and no checkpoint yet it starts afresh, so a preemptible job can always pass it)
-    torchrun --nproc_per_node=8 training/pretrain.py ... --output-dir runs/vitl --resume auto
+    torchrun --nproc_per_node=8 training/pretrain.py ... --output-dir runs/vitl --save-every-steps 500 --resume auto
 
-The original's flag spellings (``--batch_size``, ``--norm_pix_loss``, ``--data_path`` ...) are accepted too.
-Outputs in ``--output-dir``: ``checkpoint-<step>.pth`` (the newest ``--keep-last``; the original's keys ``model``,
-``optimizer``, ``epoch``, ``scaler``, ``args`` plus ``step``, ``position``, ``rng``), ``encoder.pth`` (timm
-``VisionTransformer`` keys under ``model``), ``metrics.jsonl``, ``loss.png``, ``recon-<step>.png``,
-``config.json`` and ``tensorboard/`` when TensorBoard is installed.
+    # continue pretraining released weights on your images (new optimizer and schedule): --init-from FILE.pth
+
+The original ``main_pretrain.py`` command lines work unchanged (its flag spellings, ``--resume`` of its
+checkpoints, and its distributed flags, which torchrun replaces). Outputs in ``--output-dir``:
+``checkpoint-<step>.pth`` (the newest ``--keep-last``, for ``--resume``), ``checkpoint-<epoch>.pth`` (the original's
+name, every ``--save-every-epochs`` epochs and at the last), ``encoder.pth`` (timm ``VisionTransformer`` keys under
+``model``), ``metrics.jsonl``, ``loss.png``, ``recon-<step>.png``, ``config.json`` and TensorBoard scalars.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import random
-import resource
 import sys
-import time
-import typing
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
@@ -54,56 +48,61 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from tqdm import tqdm
 
 import fastmae
 from fastmae import checkpoint as ckpt_io
-from fastmae import data, schedule, visualize
+from fastmae import data, distributed, schedule, visualize
+from fastmae.cli import ORIGINAL_PRETRAIN_FLAGS, option, parse_config
+from fastmae.distributed import Dist
 from fastmae.model import encoder_state
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run; each field is a command-line flag (``--batch-size`` or ``--batch_size``)."""
+    """Every knob of a run; each field is a command-line flag (``--batch-size`` or ``--batch_size``). Defaults
+    are the original ``main_pretrain.py``'s, except where the README lists a difference."""
 
-    model: str = field(default="mae_vit_large_patch16", metadata={"help": "model name (fastmae.list_configs())"})
-    input_size: int | None = field(default=None, metadata={"help": "image side (None: the model's)"})
-    mask_ratio: float = field(default=0.75, metadata={"help": "fraction of patches removed"})
-    norm_pix_loss: bool = field(default=False, metadata={"help": "per-patch normalized pixel targets"})
-    pred_masked_only: bool = field(default=True, metadata={"help": "decode masked patches only (same loss)"})
-    impl: str = field(default="auto", metadata={"help": "op implementation", "choices": ("auto", "triton", "eager")})
-    data_path: str | None = field(default=None, metadata={"help": "ImageFolder root DIR (DIR/train/<class>/*)"})
-    views_per_epoch: int = field(default=1024, metadata={"help": "views in an epoch of the embedded images"})
-    batch_size: int = field(default=64, metadata={"help": "images per process per micro-step"})
-    accum_iter: int = field(default=1, metadata={"help": "micro-steps accumulated per optimizer step"})
-    epochs: int = field(default=400, metadata={"help": "length of the schedule in epochs"})
-    warmup_epochs: float = field(default=40, metadata={"help": "linear warm-up length in epochs"})
-    blr: float = field(default=schedule.BASE_LR, metadata={"help": "base lr: lr = blr * eff_batch / 256"})
-    lr: float | None = field(default=None, metadata={"help": "absolute peak lr (overrides --blr)"})
-    min_lr: float = field(default=0.0, metadata={"help": "floor of the cosine decay"})
-    weight_decay: float = field(default=schedule.WEIGHT_DECAY, metadata={"help": "AdamW decay (not on biases/1-D)"})
-    clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm to this value"})
-    precision: str = field(
-        default="auto",
-        metadata={"help": "auto = bf16 on CUDA, fp32 on CPU", "choices": ("auto", "bf16", "fp16", "fp32")},
+    model: str = option("mae_vit_large_patch16", "model name (fastmae.list_configs())")
+    input_size: int | None = option(None, "image side (None: the model's, 224 for ViTs)")
+    mask_ratio: float = option(0.75, "fraction of patches removed")
+    norm_pix_loss: bool = option(False, "per-patch normalized pixel targets")
+    pred_masked_only: bool = option(True, "decode masked patches only (same loss)")
+    impl: str = option("auto", "op implementation", ("auto", "triton", "eager"))
+    data_path: str | None = option(None, "ImageFolder root DIR (DIR/train/<class>/*)")
+    views_per_epoch: int = option(1024, "views in an epoch of the embedded images")
+    bad_images: str = option(
+        "skip", "an unreadable image: skip = log it, use the next; error = stop", ("skip", "error")
     )
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 (fully_shard per block) instead of DDP"})
-    device: str = field(default="auto", metadata={"help": "auto, cuda or cpu", "choices": ("auto", "cuda", "cpu")})
-    num_workers: int = field(default=-1, metadata={"help": "loader processes per rank (-1: from the CPU count)"})
-    pin_mem: bool = field(default=True, metadata={"help": "pinned host memory for batches (CUDA only)"})
-    seed: int = field(default=0, metadata={"help": "seed; rank r draws data and masks with seed + r"})
-    output_dir: str = field(default="runs/pretrain", metadata={"help": "checkpoints, metrics and pictures"})
-    resume: str | None = field(default=None, metadata={"help": "checkpoint path, or 'auto' for the newest"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    save_every_epochs: int = field(default=1, metadata={"help": "checkpoint every N epochs (0: off)"})
-    save_every_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: off)"})
-    keep_last: int = field(default=3, metadata={"help": "checkpoints kept (0: all)"})
-    log_every: int = field(default=10, metadata={"help": "metrics record every N optimizer steps"})
-    viz_every: int = field(default=1000, metadata={"help": "reconstruction PNG every N steps (0: only at the end)"})
-    tensorboard: bool = field(default=True, metadata={"help": "TensorBoard scalars when it is installed"})
-    progress: bool = field(default=True, metadata={"help": "progress bar on rank 0"})
-    preset: str | None = field(default=None, metadata={"help": "defaults for a named run", "choices": ("demo",)})
+    batch_size: int = option(64, "images per process per micro-step")
+    accum_iter: int = option(1, "micro-steps accumulated per optimizer step")
+    epochs: int = option(400, "length of the schedule in epochs")
+    warmup_epochs: float = option(40, "linear warm-up length in epochs")
+    blr: float = option(1e-3, "base lr: lr = blr * eff_batch / 256 (paper: 1.5e-4)")
+    lr: float | None = option(None, "absolute peak lr (overrides --blr)")
+    min_lr: float = option(0.0, "floor of the cosine decay")
+    weight_decay: float = option(schedule.WEIGHT_DECAY, "AdamW decay (not on biases/1-D)")
+    clip_grad: float | None = option(None, "clip the gradient norm to this value")
+    precision: str = option("auto", "auto = bf16 on CUDA, fp32 on CPU", ("auto", "bf16", "fp16", "fp32"))
+    compile: bool = option(False, "torch.compile the model")
+    fsdp: bool = option(False, "shard with FSDP2 (fully_shard per block) instead of DDP")
+    device: str = option("auto", "auto, cuda or cpu", ("auto", "cuda", "cpu"))
+    num_workers: int = option(-1, "loader processes per rank (-1: from the CPU count)")
+    pin_mem: bool = option(True, "pinned host memory for batches (CUDA only)")
+    seed: int = option(0, "seed of weights, shuffles, views and masks (see README)")
+    output_dir: str = option("output_dir", "checkpoints, metrics and pictures")
+    log_dir: str | None = option(None, "TensorBoard folder (None: OUTPUT_DIR/tensorboard)")
+    resume: str | None = option(None, "checkpoint to resume, 'auto' (newest) or ''")
+    init_from: str | None = option(None, "start from these weights (not when resuming)")
+    start_epoch: int = option(0, "first epoch of a run that does not resume")
+    max_steps: int | None = option(None, "stop after this many optimizer steps")
+    save_every_epochs: int = option(20, "keep checkpoint-<epoch>.pth every N (0: off)")
+    save_every_steps: int = option(0, "checkpoint every N optimizer steps (0: off)")
+    keep_last: int = option(3, "step-named checkpoints kept (0: all)")
+    log_every: int = option(10, "log line and metrics record every N steps")
+    viz_every: int = option(1000, "reconstruction PNG every N steps (0: only at the end)")
+    tensorboard: bool = option(True, "TensorBoard scalars when it is installed")
+    progress: bool = option(True, "progress bar on a terminal (else log lines)")
+    preset: str | None = option(None, "defaults for a named run", ("demo",))
 
 
 def demo_preset(cuda: bool) -> dict:
@@ -111,9 +110,9 @@ def demo_preset(cuda: bool) -> dict:
     demo = dict(output_dir="runs/demo", norm_pix_loss=False, min_lr=1e-5, save_every_epochs=0, warmup_epochs=1)
     if not cuda:  # 2 CPU cores: the 64-px toy model, 12 epochs × 16 steps of 64 views
         demo.update(model="mae_vit_nano_patch8", batch_size=64, views_per_epoch=1024, epochs=12, blr=8e-3)
-        return dict(demo, viz_every=64, save_every_steps=64, log_every=1)
+        return dict(demo, viz_every=64, save_every_steps=64, log_every=16)
     demo.update(model="mae_vit_base_patch16", batch_size=128, views_per_epoch=4096, epochs=30, blr=1.5e-3)
-    return dict(demo, warmup_epochs=3, viz_every=240, save_every_steps=240, log_every=5)
+    return dict(demo, warmup_epochs=3, viz_every=240, save_every_steps=240, log_every=20)
 
 
 PRESETS = {"demo": demo_preset}
@@ -127,40 +126,13 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient norm stopped being finite."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one flag per :class:`TrainConfig` field (plus the original's underscore spelling)."""
-    parser = argparse.ArgumentParser(
-        description="MAE pretraining (fastmae).", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        base = next(a for a in typing.get_args(kind) if a is not type(None)) if typing.get_args(kind) else kind
-        kw = {"dest": f.name, "help": f.metadata.get("help", "")}
-        if base is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = base
-            kw["choices"] = f.metadata.get("choices")
-        parser.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, **kw)
-        if "_" in f.name:  # the original's spelling, hidden from --help
-            parser.add_argument(f"--{f.name}", **{**kw, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS})
-    return parser
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The config from the command line: dataclass defaults < ``--preset`` values < explicit flags."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset](torch.cuda.is_available()))
-        args = parser.parse_args(argv)
-    cfg = TrainConfig(**vars(args))
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        parser.error(str(e))
-    return cfg
+    """The config from the command line: dataclass defaults < ``--preset`` values < explicit flags; the original's
+    obsolete flags each print a one-line note."""
+    presets = {name: (lambda make=make: make(torch.cuda.is_available())) for name, make in PRESETS.items()}
+    return parse_config(
+        TrainConfig, argv, "MAE pretraining (fastmae).", presets, ORIGINAL_PRETRAIN_FLAGS, validate, ConfigError
+    )
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -171,6 +143,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.accum_iter >= 1, f"--accum-iter must be >= 1, got {cfg.accum_iter}"),
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
         (0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, epochs], got {cfg.warmup_epochs}"),
+        (0 <= cfg.start_epoch < cfg.epochs, f"--start-epoch must be in [0, epochs), got {cfg.start_epoch}"),
         (0 < cfg.mask_ratio < 1, f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}"),
         (cfg.blr > 0 and (cfg.lr is None or cfg.lr > 0), "--blr and --lr must be > 0"),
         (cfg.min_lr >= 0 and cfg.weight_decay >= 0, "--min-lr and --weight-decay must be >= 0"),
@@ -198,68 +171,24 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--data-path {cfg.data_path!r} does not exist or is not a folder")
         if not (root / "train").is_dir():
             raise ConfigError(f"--data-path {cfg.data_path!r} has no train/ folder (expected DIR/train/<class>/*)")
-    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
+    if cfg.resume not in (None, "", "auto") and not Path(cfg.resume).is_file():
         raise ConfigError(f"--resume {cfg.resume!r}: no such file (or pass 'auto' for the newest in --output-dir)")
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"--init-from {cfg.init_from!r}: no such file")
 
 
 def use_cuda(cfg: TrainConfig) -> bool:
     return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
 
 
-@dataclass
-class Dist:
-    """This process's place in the job (torchrun's environment; a lone process is rank 0 of 1)."""
-
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(cfg: TrainConfig) -> Dist:
-    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) and pick this process's device."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if use_cuda(cfg) else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 or "RANK" in os.environ:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return Dist(rank, world, local_rank, device)
-
-
-def derive_seed(*keys: int) -> int:
-    """A 64-bit seed mixed from non-negative integer keys."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def cpus_per_rank() -> int:
-    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def num_workers(cfg: TrainConfig, device: torch.device) -> int:
-    if cfg.num_workers >= 0:
-        return cfg.num_workers
-    per_rank = cpus_per_rank()
-    return min(8, max(1, per_rank - 1)) if device.type == "cuda" else min(1, per_rank - 1)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device``, or the process's peak resident set on the CPU, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def cpu_size_warning(cfg: TrainConfig) -> str | None:
+    """A warning when a ViT-B-sized (or larger) model is to train on the CPU, where a step takes minutes."""
+    if use_cuda(cfg) or fastmae.get_config(cfg.model).embed_dim < fastmae.get_config("mae_vit_base_patch16").embed_dim:
+        return None
+    return (
+        f"pretrain: warning: {cfg.model} on the CPU: each step takes minutes and a run days. For a CPU demo use "
+        "--preset demo (or --model mae_vit_nano_patch8); for real runs, a GPU"
+    )
 
 
 @dataclass
@@ -277,11 +206,12 @@ def train(cfg: TrainConfig) -> RunResult:
     """Run (or resume) one pretraining job as configured; returns when ``epochs`` or ``max_steps`` is reached.
 
     Raises:
-        ConfigError: a flag that cannot work; CheckpointError: an unusable ``--resume`` file;
+        ConfigError: a flag that cannot work; CheckpointError: an unusable ``--resume`` or ``--init-from`` file;
+        BadImageError: an unreadable image with ``--bad-images error``;
         NonFiniteError: the loss or gradient norm became inf/NaN (parameters are left as of the step before).
     """
     validate(cfg)
-    env = setup_distributed(cfg)
+    env = distributed.setup(use_cuda(cfg))
     try:
         return _train(cfg, env)
     finally:
@@ -289,31 +219,59 @@ def train(cfg: TrainConfig) -> RunResult:
             dist.destroy_process_group()
 
 
-def build_data(cfg: TrainConfig, env: Dist):
-    """Source, views, sampler and loader. Rank r reads its DistributedSampler share; its views use seed + r."""
+@dataclass
+class Data:
+    """The images and how they are served: rank r reads its DistributedSampler share, its views use seed + r."""
+
+    source: data.EmbeddedImages | data.FolderImages
+    dataset: data.RandomViews
+    sampler: data.ResumableDistributedSampler
+    loader: torch.utils.data.DataLoader
+    img_size: int
+
+
+def build_data(cfg: TrainConfig, env: Dist) -> Data:
     try:
         source = data.open_source(cfg.data_path)
     except ValueError as e:
         raise ConfigError(f"--data-path: {e}") from e
     img_size = cfg.input_size or fastmae.get_config(cfg.model).img_size
     length = cfg.views_per_epoch if cfg.data_path is None else None
-    dataset = data.RandomViews(source, img_size, seed=cfg.seed + env.rank, length=length)
+    dataset = data.RandomViews(source, img_size, cfg.seed + env.rank, length, cfg.bad_images)
     sampler = data.ResumableDistributedSampler(dataset, env.world, env.rank, seed=cfg.seed)
-    workers = num_workers(cfg, env.device)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else distributed.default_num_workers(env.device)
     pin = cfg.pin_mem and env.device.type == "cuda"
     loader = data.build_loader(dataset, sampler, cfg.batch_size, workers, pin, seed=cfg.seed + env.rank)
     if env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # leave the loader workers their cores
-        torch.set_num_threads(max(1, cpus_per_rank() - workers))
-    return source, dataset, sampler, loader, img_size
+        torch.set_num_threads(max(1, distributed.cpus_per_rank() - workers))
+    return Data(source, dataset, sampler, loader, img_size)
 
 
-def build_model(cfg: TrainConfig, env: Dist):
-    """The model, the same initial weights on every rank; wrapped in DDP, or sharded with FSDP2 per block then
-    at the root. Returns ``(raw, model, ddp)``: the MAE module (sharded in place under FSDP), what the training
-    step calls (possibly compiled), and the DDP wrapper or None."""
-    seed_everything(cfg.seed)
+@dataclass
+class Model:
+    """``raw``: the MAE module (sharded in place under FSDP); ``model``: what the training step calls (DDP and/or
+    compiled); ``ddp``: the DDP wrapper or None."""
+
+    raw: fastmae.MAE
+    model: torch.nn.Module
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+
+
+def build_model(cfg: TrainConfig, env: Dist, init_from: str | None) -> Model:
+    """The same initial weights on every rank (``init_from``'s where it has them); wrapped in DDP, or sharded
+    with FSDP2 per block then at the root."""
+    distributed.seed_everything(cfg.seed)
     overrides = {"img_size": cfg.input_size} if cfg.input_size else {}
     raw = fastmae.create_model(cfg.model, norm_pix_loss=cfg.norm_pix_loss, impl=cfg.impl, **overrides)
+    if init_from:
+        try:
+            loaded = raw.load_pretrained(init_from)
+        except ValueError as e:
+            raise ckpt_io.CheckpointError(f"--init-from: {e}") from e
+        if not set(raw.state_dict()) - set(loaded.missing_keys):
+            raise ckpt_io.CheckpointError(f"--init-from {init_from!r}: none of its keys is a key of {cfg.model}")
+        if env.main:
+            print(f"pretrain: initialized from {init_from}: {loaded.summary(len(raw.state_dict()))}", flush=True)
     raw = raw.to(env.device)
     ddp, model = None, raw
     if cfg.fsdp:
@@ -331,227 +289,313 @@ def build_model(cfg: TrainConfig, env: Dist):
         model = ddp
     if cfg.compile:
         model = torch.compile(model)
-    return raw, model, ddp
+    return Model(raw, model, ddp)
+
+
+@dataclass
+class Run:
+    """Everything a training job holds, built once by :func:`build`."""
+
+    cfg: TrainConfig
+    env: Dist
+    out: Path
+    data: Data
+    net: Model
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
+    precision: str
+    autocast: torch.autocast
+    steps_per_epoch: int
+    stop_step: int
+    eff_batch: int
+    peak_lr: float
+    layout: dict  # where a step lies in the data stream: an exact mid-epoch resume needs the same layout
+    resume_path: Path | None
+    mask_gen: torch.Generator
+    report_bad: data.BadImageLog
+    viz: tuple[torch.Tensor, torch.Tensor] | None = None  # fixed images and mask noise for the pictures
+
+    def group_names(self) -> list[list[str]]:
+        """The parameter names of each optimizer group, in order."""
+        names = {id(p): n for n, p in self.net.raw.named_parameters()}
+        return [[names[id(p)] for p in group["params"]] for group in self.optimizer.param_groups]
+
+
+# Full (unsharded) state dicts, keyed by parameter name, the same for a plain, DDP or FSDP model.
+FULL = StateDictOptions(full_state_dict=True)
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def build(cfg: TrainConfig, env: Dist) -> Run:
+    """Output folder, data, model, optimizer and precision; the checkpoint to resume, if any."""
+    out = Path(cfg.output_dir)
+    if env.main:
+        if warning := cpu_size_warning(cfg):
+            print(warning, file=sys.stderr, flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_temps(out)
+    env.barrier()
+    resume_path = ckpt_io.latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+    if resume_path is None and (ckpt_io.list_checkpoints(out) or ckpt_io.list_epoch_checkpoints(out)):
+        raise ConfigError(f"{out} already holds checkpoints of another run: pass --resume auto or a new --output-dir")
+
+    parts = build_data(cfg, env)
+    steps_per_epoch = parts.sampler.num_samples // cfg.batch_size // cfg.accum_iter
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"an epoch of {len(parts.dataset)} images gives {parts.sampler.num_samples} per process, fewer than one "
+            f"optimizer step of batch_size × accum_iter = {cfg.batch_size * cfg.accum_iter}; lower them or add data"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    eff_batch = cfg.batch_size * cfg.accum_iter * env.world
+    peak_lr = cfg.lr if cfg.lr is not None else schedule.scaled_lr(cfg.blr, eff_batch)
+    if resume_path is not None and cfg.init_from and env.main:
+        print(f"pretrain: note: resuming {resume_path}, so --init-from is not used", file=sys.stderr, flush=True)
+    net = build_model(cfg, env, None if resume_path else cfg.init_from)
+    distributed.seed_everything(cfg.seed + env.rank)
+    cuda = env.device.type == "cuda"
+    optimizer = schedule.build_adamw(net.raw, lr=peak_lr, weight_decay=cfg.weight_decay, fused=cuda)
+    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+    layout = dict(steps_per_epoch=steps_per_epoch, world_size=env.world, batch_size=cfg.batch_size)
+    layout.update(accum_iter=cfg.accum_iter, epoch_len=len(parts.dataset), seed=cfg.seed)
+    stop_step = min(total_steps, cfg.max_steps or total_steps)
+    mask_gen = torch.Generator(device=env.device)
+    report_bad = data.BadImageLog(f"pretrain: {f'rank {env.rank}: ' if env.world > 1 else ''}")
+    return Run(cfg, env, out, parts, net, optimizer, scaler, precision, autocast, steps_per_epoch, stop_step,
+               eff_batch, peak_lr, layout, resume_path, mask_gen, report_bad)  # fmt: skip
+
+
+def resume(run: Run) -> int:
+    """Load ``run.resume_path`` into the model, optimizer and scaler; returns the step to continue from (see
+    :func:`fastmae.checkpoint.resume_step`: exact for fastmae's checkpoints, the next epoch for the original's)."""
+    path = run.resume_path
+    ck = ckpt_io.load_checkpoint(path)
+    shapes = {k: torch.empty(v.shape, device="meta") for k, v in run.net.raw.state_dict().items()}  # global shapes
+    ckpt_io.check_model_state(ck["model"], shapes, path)
+    optim_state = ckpt_io.optimizer_by_name(ck["optimizer"], run.group_names(), path)
+    try:
+        set_model_state_dict(run.net.raw, ck["model"], options=FULL)
+        set_optimizer_state_dict(run.net.raw, run.optimizer, optim_state, options=FULL)
+        if ck.get("scaler"):
+            run.scaler.load_state_dict(ck["scaler"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ckpt_io.CheckpointError(f"checkpoint {str(path)!r} does not fit this run: {e}") from e
+    step, exact = ckpt_io.resume_step(ck, run.layout, run.steps_per_epoch, path)
+    if exact and len(ck.get("rng", [])) == run.env.world:
+        ckpt_io.set_rng_state(ck["rng"][run.env.rank])
+    if ckpt_io.is_original(ck) and run.env.main:
+        epoch = step // run.steps_per_epoch
+        print(f"pretrain: {path} was written by the original MAE code after epoch {epoch - 1}: model, optimizer and "
+              f"loss scale loaded; training restarts at epoch {epoch} (step {step})", flush=True)  # fmt: skip
+    return step
+
+
+def announce(run: Run, start: int) -> None:
+    """Write config.json and print the one-line banner (rank 0)."""
+    cfg, env = run.cfg, run.env
+    if not env.main:
+        return
+    source = data.describe(run.data.source)
+    resolved = dict(eff_batch=run.eff_batch, peak_lr=run.peak_lr, total_steps=cfg.epochs * run.steps_per_epoch)
+    resolved.update(run.layout, precision=run.precision, device=str(env.device), data=source)
+    (run.out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **resolved}, indent=2))
+    mode = "FSDP" if cfg.fsdp else "DDP" if run.net.ddp else "single process"
+    print(
+        f"fastmae pretrain: {cfg.model} ({run.data.img_size}px) on {env.world}×{env.device.type} ({mode}, "
+        f"{run.precision}); data: {source}; eff. batch {run.eff_batch}, peak lr {run.peak_lr:.3g}, "
+        f"{run.steps_per_epoch} steps/epoch, steps {start}→{run.stop_step}"
+        f"{f', resumed from {run.resume_path}' if run.resume_path else ''}; output {run.out}",
+        flush=True,
+    )
+
+
+@dataclass
+class StepStats:
+    """One step's numbers, the same on every rank: loss (mean over micro-steps and ranks), gradient norm, lr and
+    unreadable images skipped (all ranks)."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    bad_images: int
+
+
+def batches(run: Run, start: int) -> Iterator[tuple[int, list[data.ViewBatch]]]:
+    """``(step, its accum_iter micro-batches)`` for the steps from ``start`` to the end, epoch by epoch; an epoch
+    entered part-way skips the views its earlier steps consumed."""
+    cfg, spe, step = run.cfg, run.steps_per_epoch, start
+    while step < run.stop_step:
+        epoch, in_epoch = divmod(step, spe)
+        run.data.sampler.set_epoch(epoch, start=in_epoch * cfg.accum_iter * cfg.batch_size)
+        loader, end = iter(run.data.loader), min(run.stop_step, (epoch + 1) * spe)
+        for i in range(step, end):
+            yield i, [next(loader) for _ in range(cfg.accum_iter)]
+        step = end
+        del loader
+
+
+def train_step(run: Run, step: int, micro_batches: list[data.ViewBatch]) -> StepStats:
+    """Optimizer step ``step + 1``: forward and backward of each micro-batch, then one AdamW update."""
+    cfg, env, raw = run.cfg, run.env, run.net.raw
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    lr = schedule.lr_at(epoch + in_epoch / run.steps_per_epoch, run.peak_lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr)
+    schedule.set_lr(run.optimizer, lr)
+    loss_sum, bad = torch.zeros((), device=env.device), 0
+    for micro, batch in enumerate(micro_batches):
+        for item in batch.bad:
+            run.report_bad(item)
+        bad += len(batch.bad)
+        imgs = batch.images.to(env.device, non_blocking=True)  # [B, 3, S, S]
+        # The masks of (rank, step, micro-step) are fixed by the seed: the same after a resume.
+        run.mask_gen.manual_seed(distributed.derive_seed(cfg.seed + env.rank, step, micro))
+        noise = torch.rand(imgs.shape[0], raw.num_patches, generator=run.mask_gen, device=env.device)  # [B, L]
+        last = micro == cfg.accum_iter - 1
+        if cfg.fsdp:
+            raw.set_requires_gradient_sync(last)
+        with run.net.ddp.no_sync() if run.net.ddp is not None and not last else contextlib.nullcontext():
+            with run.autocast:
+                loss, _, _ = run.net.model(imgs, cfg.mask_ratio, noise, cfg.pred_masked_only)
+            run.scaler.scale(loss / cfg.accum_iter).backward()
+        loss_sum += loss.detach().float()
+    run.scaler.unscale_(run.optimizer)
+    trainable = [p for p in raw.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grads_with_norm_(trainable, cfg.clip_grad, grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    shared = torch.stack([loss_sum / cfg.accum_iter, torch.tensor(float(bad), device=env.device)])  # [loss, bad]
+    if dist.is_initialized():
+        dist.all_reduce(shared)  # a NaN on any rank reaches every rank: all stop together
+        shared[0] /= env.world
+    loss_value, bad_total, norm_value = torch.cat([shared, grad_norm.float().view(1)]).tolist()
+    if not math.isfinite(loss_value) or (run.precision != "fp16" and not math.isfinite(norm_value)):
+        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+        raise NonFiniteError(
+            f"non-finite {what} (loss {loss_value}, grad norm {norm_value}) at step {step + 1} (epoch {epoch}, "
+            f"lr {lr:.3g}); stopped before updating the weights. Last checkpoint: "
+            f"{ckpt_io.latest_checkpoint(run.out) or 'none'}. Try a lower --blr, --clip-grad or fp32."
+        )
+    run.scaler.step(run.optimizer)  # fp16: skipped when the scaled gradients overflowed
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss_value, norm_value, lr, int(bad_total))
+
+
+def save(run: Run, step: int, epoch_name: int | None = None) -> None:
+    """Every rank takes part in gathering; rank 0 writes ``checkpoint-<step>.pth`` (and, with ``epoch_name``,
+    the original's ``checkpoint-<epoch_name>.pth`` too) and prunes old step-named ones."""
+    model_state = get_model_state_dict(run.net.raw, options=FULL_ON_CPU)
+    optim_state = get_optimizer_state_dict(run.net.raw, run.optimizer, options=FULL_ON_CPU)
+    rngs = [ckpt_io.rng_state()]
+    if dist.is_initialized():
+        rngs = [None] * run.env.world
+        dist.all_gather_object(rngs, ckpt_io.rng_state())
+    if run.env.main:
+        epoch, in_epoch = divmod(step, run.steps_per_epoch)
+        state = {
+            "model": model_state,
+            "optimizer": ckpt_io.optimizer_by_index(optim_state),
+            "epoch": epoch - 1,  # the last completed epoch, as the original counts
+            "scaler": ckpt_io.scaler_state(run.scaler),
+            "args": dataclasses.asdict(run.cfg),
+            "step": step,
+            "position": dict(run.layout, epoch=epoch, step_in_epoch=in_epoch),
+            "rng": rngs,
+            "format": ckpt_io.FORMAT,
+        }
+        path = ckpt_io.atomic_save(state, ckpt_io.checkpoint_path(run.out, step))
+        if epoch_name is not None:
+            ckpt_io.link_or_copy(path, ckpt_io.epoch_checkpoint_path(run.out, epoch_name))
+        ckpt_io.prune(run.out, run.cfg.keep_last)
+    run.env.barrier()
+
+
+def render(run: Run, step: int, metrics: visualize.MetricsLog | None) -> None:
+    """The reconstruction grid of the fixed pictures at ``step`` and the loss curve so far."""
+    cfg, env, raw = run.cfg, run.env, run.net.raw
+    if not (cfg.fsdp or env.main):  # FSDP's forward needs every rank; otherwise rank 0 draws alone
+        return
+    if run.viz is None:  # a fixed batch and fixed masks, so that successive pictures are comparable
+        imgs = data.center_views(run.data.source, run.data.img_size, 8, cfg.bad_images, run.report_bad)
+        noise = torch.rand(len(imgs), raw.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
+        run.viz = imgs.to(env.device), noise.to(env.device)  # [n, 3, S, S], [n, L]
+    imgs, noise = run.viz
+    with torch.no_grad(), run.autocast:
+        loss, pred, mask = raw(imgs, cfg.mask_ratio, noise, pred_masked_only=True)  # pred [n, M, p²·3]
+    if env.main:
+        path = run.out / f"recon-{step:08d}.png"
+        visualize.save_reconstructions(path, imgs, pred, mask, raw.patch_size, cfg.norm_pix_loss, step, loss.item())
+        metrics.save_loss_curve(run.out / "loss.png")
+
+
+def archived_epoch(run: Run, step: int) -> int | None:
+    """The epoch that ``step`` completes when it gets an epoch-named checkpoint: every ``--save-every-epochs``
+    (epoch % N == 0, as the original counts from 0) and the last epoch; else None."""
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    every, done = run.cfg.save_every_epochs, epoch - 1
+    return done if in_epoch == 0 and every and (done % every == 0 or done == run.cfg.epochs - 1) else None
+
+
+def finish(run: Run, step: int, saved: bool, log: visualize.Progress) -> None:
+    """The last checkpoint and picture, ``encoder.pth`` with timm keys for fine-tuning, and the closing line."""
+    if not saved:
+        save(run, step)
+    if not (run.cfg.viz_every and step % run.cfg.viz_every == 0):
+        render(run, step, log.metrics)
+    state = get_model_state_dict(run.net.raw, options=FULL_ON_CPU)
+    if run.env.main:
+        ckpt_io.atomic_save(
+            {"model": encoder_state(state), "args": dataclasses.asdict(run.cfg)}, run.out / "encoder.pth"
+        )
+        print(log.summary(step, run.out), flush=True)
 
 
 def _train(cfg: TrainConfig, env: Dist) -> RunResult:
-    out = Path(cfg.output_dir)
-    device, cuda = env.device, env.device.type == "cuda"
-    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    run = build(cfg, env)
+    step = resume(run) if run.resume_path else cfg.start_epoch * run.steps_per_epoch
+    announce(run, step)
+    metrics = None
     if env.main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt_io.remove_stale_temps(out)
-    barrier()
-    resume_path = ckpt_io.latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume
-    if resume_path is None and ckpt_io.list_checkpoints(out):
-        raise ConfigError(f"{out} already holds checkpoints of another run: pass --resume auto or a new --output-dir")
-
-    source, dataset, sampler, loader, img_size = build_data(cfg, env)
-    steps_per_epoch = sampler.num_samples // cfg.batch_size // cfg.accum_iter
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"an epoch of {len(dataset)} images gives {sampler.num_samples} per process, fewer than one optimizer "
-            f"step of batch_size × accum_iter = {cfg.batch_size * cfg.accum_iter}; lower them or add data"
-        )
-    total_steps = cfg.epochs * steps_per_epoch
-    stop_step = min(total_steps, cfg.max_steps or total_steps)
-    eff_batch = cfg.batch_size * cfg.accum_iter * env.world
-    peak_lr = cfg.lr if cfg.lr is not None else schedule.scaled_lr(cfg.blr, eff_batch)
-
-    raw, model, ddp = build_model(cfg, env)
-    seed_everything(cfg.seed + env.rank)
-    optimizer = schedule.build_adamw(raw, lr=peak_lr, weight_decay=cfg.weight_decay, fused=cuda)
-    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    trainable = [p for p in raw.parameters() if p.requires_grad]
-    # Full (unsharded) state dicts, keyed by parameter name, the same for a plain, DDP or FSDP model.
-    full, full_on_cpu = StateDictOptions(full_state_dict=True), StateDictOptions(full_state_dict=True, cpu_offload=True)
-    # Where a step lies in the data stream: a checkpoint resumes exactly when this layout is unchanged.
-    layout = dict(
-        steps_per_epoch=steps_per_epoch,
-        world_size=env.world,
-        batch_size=cfg.batch_size,
-        accum_iter=cfg.accum_iter,
-        epoch_len=len(dataset),
-        seed=cfg.seed,
-    )
-
-    start_step = 0
-    if resume_path is not None:
-        ck = ckpt_io.load_checkpoint(resume_path)
-        shapes = {k: torch.empty(v.shape, device="meta") for k, v in raw.state_dict().items()}  # global shapes
-        ckpt_io.check_model_state(ck["model"], shapes, resume_path)
-        try:
-            set_model_state_dict(raw, ck["model"], options=full)
-            set_optimizer_state_dict(raw, optimizer, ck["optimizer"], options=full)
-            if ck["scaler"]:
-                scaler.load_state_dict(ck["scaler"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise ckpt_io.CheckpointError(f"checkpoint {str(resume_path)!r} does not fit this run: {e}") from e
-        pos = ck["position"]
-        if all(pos.get(k) == v for k, v in layout.items()):
-            start_step = ck["step"]
-            if len(ck.get("rng", [])) == env.world:
-                ckpt_io.set_rng_state(ck["rng"][env.rank])
-        elif pos["step_in_epoch"] == 0:  # another layout (e.g. more GPUs) can start at an epoch boundary
-            start_step = pos["epoch"] * steps_per_epoch
-        else:
-            raise ckpt_io.CheckpointError(
-                f"checkpoint {str(resume_path)!r} stopped mid-epoch with {pos}; this run has {layout}: an exact "
-                "mid-epoch resume needs the same layout (or resume from an end-of-epoch checkpoint)"
-            )
-    if env.main:
-        resolved = dict(eff_batch=eff_batch, peak_lr=peak_lr, total_steps=total_steps, precision=precision)
-        resolved.update(layout, device=str(device), data=data.describe(source))
-        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **resolved}, indent=2))
-        mode = "FSDP" if cfg.fsdp else "DDP" if ddp else "single process"
-        print(
-            f"fastmae pretrain: {cfg.model} ({img_size}px) on {env.world}×{device.type} ({mode}, {precision}); "
-            f"data: {data.describe(source)}; eff. batch {eff_batch}, peak lr {peak_lr:.3g}, {steps_per_epoch} "
-            f"steps/epoch, steps {start_step}→{stop_step}{f', resumed from {resume_path}' if resume_path else ''}; "
-            f"output {out}",
-            flush=True,
-        )
-
-    def save(step: int) -> None:
-        """Every rank takes part in gathering; rank 0 writes ``checkpoint-<step>.pth`` and prunes old ones."""
-        model_state = get_model_state_dict(raw, options=full_on_cpu)
-        optim_state = get_optimizer_state_dict(raw, optimizer, options=full_on_cpu)
-        rngs = [ckpt_io.rng_state()]
-        if dist.is_initialized():
-            rngs = [None] * env.world
-            dist.all_gather_object(rngs, ckpt_io.rng_state())
-        if env.main:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            state = {
-                "model": model_state,
-                "optimizer": optim_state,
-                "epoch": epoch - 1,  # the last completed epoch, as the original counts
-                "scaler": scaler.state_dict(),
-                "args": dataclasses.asdict(cfg),
-                "step": step,
-                "position": dict(layout, epoch=epoch, step_in_epoch=in_epoch),
-                "rng": rngs,
-                "format": ckpt_io.FORMAT,
-            }
-            ckpt_io.atomic_save(state, ckpt_io.checkpoint_path(out, step))
-            ckpt_io.prune(out, cfg.keep_last)
-        barrier()
-
-    # A fixed batch and fixed masks, so that the reconstructions of successive pictures are comparable.
-    viz_imgs = data.center_views(source, img_size, 8).to(device)  # [n, 3, S, S]
-    viz_noise = torch.rand(len(viz_imgs), raw.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
-
-    def render(step: int) -> None:
-        if not (cfg.fsdp or env.main):  # FSDP's forward needs every rank; otherwise rank 0 draws alone
-            return
-        with torch.no_grad(), autocast:
-            _, pred, mask = raw(viz_imgs, cfg.mask_ratio, viz_noise.to(device))  # pred [n, L, p²·3], mask [n, L]
-        if env.main:
-            path = out / f"recon-{step:08d}.png"
-            visualize.save_reconstructions(path, viz_imgs, pred, mask, raw.patch_size, cfg.norm_pix_loss)
-            metrics.save_loss_curve(out / "loss.png")
-
-    metrics = visualize.MetricsLog(out, start_step if resume_path else None, cfg.tensorboard) if env.main else None
-    bar = tqdm(total=stop_step, initial=start_step, disable=not (env.main and cfg.progress), dynamic_ncols=True)
-    mask_gen = torch.Generator(device=device)
-    losses: list[tuple[int, float]] = []
-    step, last_saved = start_step, start_step if resume_path else None
-    window = {"loss": 0.0, "n": 0, "t": time.perf_counter()}
+        tb_dir = cfg.log_dir or run.out / "tensorboard"
+        metrics = visualize.MetricsLog(run.out, step if run.resume_path else None, cfg.tensorboard, tb_dir)
+    bar = env.main and cfg.progress and sys.stdout.isatty()  # a terminal gets a bar; a file or pipe, log lines
+    log = visualize.Progress(metrics, step, run.stop_step, run.steps_per_epoch, run.eff_batch, cfg.log_every, bar,
+                             lambda: distributed.peak_memory_mb(env.device))  # fmt: skip
+    saved = run.resume_path is not None
     try:
         if step == 0:
-            render(0)
-        model.train()
-        while step < stop_step:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, start=in_epoch * cfg.accum_iter * cfg.batch_size)  # skip what was consumed
-            batches = iter(loader)
-            while in_epoch < steps_per_epoch and step < stop_step:
-                t = epoch + in_epoch / steps_per_epoch
-                lr = schedule.lr_at(t, peak_lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr)
-                schedule.set_lr(optimizer, lr)
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(cfg.accum_iter):
-                    imgs = next(batches).to(device, non_blocking=True)  # [B, 3, S, S]
-                    # The masks of (rank, step, micro-step) are fixed by the seed: the same after a resume.
-                    mask_gen.manual_seed(derive_seed(cfg.seed + env.rank, step, micro))
-                    noise = torch.rand(imgs.shape[0], raw.num_patches, generator=mask_gen, device=device)  # [B, L]
-                    last = micro == cfg.accum_iter - 1
-                    if cfg.fsdp:
-                        raw.set_requires_gradient_sync(last)
-                    with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                        with autocast:
-                            loss, _, _ = model(imgs, cfg.mask_ratio, noise, cfg.pred_masked_only)
-                        scaler.scale(loss / cfg.accum_iter).backward()
-                    loss_sum += loss.detach().float()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grads_with_norm_(trainable, cfg.clip_grad, grad_norm)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                    grad_norm = grad_norm.full_tensor()
-                loss_mean = loss_sum / cfg.accum_iter
-                if dist.is_initialized():
-                    dist.all_reduce(loss_mean)  # a NaN on any rank reaches every rank: all stop together
-                    loss_mean = loss_mean / env.world
-                loss_value, norm_value = torch.stack([loss_mean, grad_norm.float()]).tolist()
-                if not math.isfinite(loss_value) or (precision != "fp16" and not math.isfinite(norm_value)):
-                    what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                    raise NonFiniteError(
-                        f"non-finite {what} (loss {loss_value}, grad norm {norm_value}) at step {step + 1} "
-                        f"(epoch {epoch}, lr {lr:.3g}); stopped before updating the weights. Last checkpoint: "
-                        f"{ckpt_io.latest_checkpoint(out) or 'none'}. Try a lower --blr, --clip-grad or fp32."
-                    )
-                scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step, in_epoch = step + 1, in_epoch + 1
-                losses.append((step, loss_value))
-                bar.update(1)
-                window["loss"] += loss_value
-                window["n"] += 1
-                if env.main and (step % cfg.log_every == 0 or step == stop_step):
-                    img_s = window["n"] * eff_batch / max(time.perf_counter() - window["t"], 1e-9)
-                    record = dict(step=step, epoch=round(step / steps_per_epoch, 4), lr=lr)
-                    record.update(loss=window["loss"] / window["n"], grad_norm=norm_value, img_per_s=img_s)
-                    record.update(peak_mem_mb=peak_memory_mb(device), time=time.time())
-                    metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-                    window.update(loss=0.0, n=0, t=time.perf_counter())
-                epoch_done = in_epoch == steps_per_epoch and cfg.save_every_epochs
-                if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or (
-                    epoch_done and (epoch + 1) % cfg.save_every_epochs == 0
-                ):
-                    save(step)
-                    last_saved = step
-                if cfg.viz_every and step % cfg.viz_every == 0:
-                    render(step)
-            del batches
-        if last_saved != step:
-            save(step)
-        if not (cfg.viz_every and step % cfg.viz_every == 0):
-            render(step)
-        state = get_model_state_dict(raw, options=full_on_cpu)
-        if env.main:  # the encoder alone, with timm VisionTransformer keys, for fine-tuning
-            ckpt_io.atomic_save({"model": encoder_state(state), "args": dataclasses.asdict(cfg)}, out / "encoder.pth")
+            render(run, 0, metrics)
+        run.net.model.train()
+        for done, micro_batches in batches(run, step):
+            stats = train_step(run, done, micro_batches)
+            step = done + 1
+            log.update(step, stats.loss, stats.lr, stats.grad_norm, stats.bad_images)
+            epoch_name = archived_epoch(run, step)
+            saved = epoch_name is not None or (cfg.save_every_steps and step % cfg.save_every_steps == 0)
+            if saved:
+                save(run, step, epoch_name)
+            if cfg.viz_every and step % cfg.viz_every == 0:
+                render(run, step, metrics)
+        finish(run, step, saved, log)
     finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    if env.main and losses:
-        print(f"done: step {step}, loss {losses[0][1]:.4f} → {losses[-1][1]:.4f}; outputs in {out}", flush=True)
-    return RunResult(step, losses, out, ckpt_io.latest_checkpoint(out), raw)
+        log.close()
+    return RunResult(step, log.losses, run.out, ckpt_io.latest_checkpoint(run.out), run.net.raw)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except (ConfigError, ckpt_io.CheckpointError, NonFiniteError) as e:
+    except (ConfigError, ckpt_io.CheckpointError, data.BadImageError, NonFiniteError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"pretrain: error: {e}", file=sys.stderr, flush=True)
+            message = str(e)
+            if isinstance(e, data.BadImageError):  # from a loader worker: the last line of its traceback
+                message = message.strip().splitlines()[-1].split("BadImageError: ")[-1]
+            print(f"pretrain: error: {message}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, ConfigError) else 1
     return 0
 
