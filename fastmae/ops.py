@@ -8,7 +8,6 @@ use, so that ``TRITON_INTERPRET`` may be set after ``import fastmae`` and nothin
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -46,13 +45,26 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+# op name -> its kernel, or None without one; filled by has_kernel.
+_loaded: dict[str, Callable | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def has_kernel(op: str) -> bool:
+    """Whether fastmae ships a kernel for ``op`` (and Triton is installed); imports its module on first use. Under
+    torch.compile this runs while tracing (its result is a constant), so no import machinery enters the graph."""
+    if op not in _loaded:
+        module, name = KERNELS[op]
+        if importlib.util.find_spec("triton") is None or importlib.util.find_spec(module) is None:
+            _loaded[op] = None
+        else:
+            _loaded[op] = getattr(importlib.import_module(module), name)
+    return _loaded[op] is not None
+
+
 def triton_kernel(op: str) -> Callable | None:
     """The Triton implementation of ``op``, or None when fastmae ships no kernel for it (or Triton is missing)."""
-    module, name = KERNELS[op]
-    if importlib.util.find_spec("triton") is None or importlib.util.find_spec(module) is None:
-        return None
-    return getattr(importlib.import_module(module), name)
+    return _loaded[op] if has_kernel(op) else None
 
 
 def check_device(impl: str, x: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ and torch.compile.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -253,13 +254,13 @@ class QKVAttention(torch.nn.Module):
         return self.proj(self.fn(self.qkv(x), self.heads, d**-0.5))  # [B, N, D]
 
 
-def compiled_vs_eager(backend: str, n: int, dtype: torch.dtype = torch.float32):
+def compiled_vs_eager(backend: str, n: int, dtype: torch.dtype = torch.float32, fn=attn.attention):
     """torch.compile(fullgraph=True) of a module using the op: one graph; output and gradients of both runs."""
     import torch._dynamo.testing
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    module = QKVAttention(64, 2).to(DEVICE, dtype)
+    module = QKVAttention(64, 2, fn).to(DEVICE, dtype)
     x = torch.randn(3, n, 64, device=DEVICE, dtype=dtype)
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
     results = []
@@ -277,6 +278,14 @@ def test_torch_compile_fullgraph_traces_the_op(n):
     """Dynamo and AOTAutograd trace autograd.Function + custom_fwd + the ops in one graph (the interpreter's
     opaque ops run the kernels); compiled and eager runs agree bitwise."""
     compiled, eager = compiled_vs_eager("aot_eager", n)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+
+def test_torch_compile_fullgraph_traces_the_ops_dispatch():
+    """Through ``fastmae.ops`` (the model's path) the kernel's lookup and import add no graph break."""
+    from fastmae import ops
+
+    compiled, eager = compiled_vs_eager("aot_eager", 50, fn=functools.partial(ops.attention, "triton"))
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
 
 
