@@ -100,7 +100,7 @@ from fastmae.kernels._attention_tiles import (
     store_stats,
     store_tile,
 )
-from fastmae.kernels._common import check_float, empty, interpreting
+from fastmae.kernels._common import check_float, empty, interpreting, unsupported_float
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
@@ -487,6 +487,31 @@ def attention_bwd(
     return dqkv
 
 
+def _shape_limit(qkv: torch.Tensor, num_heads: int) -> str | None:
+    """What the kernels cannot take of a well-formed ``qkv [B, N, 3·H·d]`` the eager op can, or None."""
+    _, n, three_hd = qkv.shape
+    d = three_hd // (3 * num_heads)
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        return f"head dim d = {three_hd} / (3 * {num_heads}) = {d} must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    if n * max(qkv.stride(1), three_hd) >= 2**31:
+        return f"qkv with N = {n} tokens of row stride {qkv.stride(1)} overflows the kernels' int32 offsets"
+    return None
+
+
+def unsupported(qkv, num_heads, scale=None) -> str | None:
+    """Why :func:`attention` does not take arguments the eager op accepts (a head dim outside [16, 128], a
+    sequence past int32 offsets, float64), from shapes and dtypes alone; None when it does or when they are
+    malformed (both then raise)."""
+    reason = unsupported_float(qkv=qkv)
+    if reason is not None or not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        return reason
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+        return None
+    if qkv.shape[-1] % (3 * num_heads) != 0 or qkv.shape[1] < 1:
+        return None
+    return _shape_limit(qkv, num_heads)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -530,12 +555,11 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     if three_hd % (3 * num_heads) != 0:
         raise ValueError(f"qkv's last dim {three_hd} must be divisible by 3 * num_heads = {3 * num_heads}")
     d = three_hd // (3 * num_heads)
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim d = {three_hd} / (3 * {num_heads}) = {d} must be in [16, 128]")
     if n < 1:
         raise ValueError(f"qkv must hold at least one token (N >= 1), got shape {tuple(qkv.shape)}")
-    if n * max(qkv.stride(1), three_hd) >= 2**31:
-        raise ValueError(f"qkv with N = {n} tokens of row stride {qkv.stride(1)} overflows the kernels' int32 offsets")
+    limit = _shape_limit(qkv, num_heads)
+    if limit is not None:
+        raise ValueError(limit)
     if scale is None:
         scale = d**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
