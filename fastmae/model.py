@@ -51,8 +51,9 @@ class MAE(nn.Module):
         mlp_ratio: MLP hidden size over width.
         norm_layer: normalization constructor (LayerNorm, eps 1e-6).
         norm_pix_loss: normalize each target patch by its mean and unbiased variance.
-        impl: ``"auto"`` (Triton kernels for CUDA tensors, eager otherwise), ``"triton"`` or ``"eager"``;
-            the environment variable ``FASTMAE_IMPL`` overrides it.
+        impl: ``"auto"`` (Triton kernels for CUDA tensors, eager otherwise and for shapes or dtypes a kernel
+            does not take, e.g. a head dim outside 16..128, with a warning), ``"triton"`` (such shapes raise)
+            or ``"eager"``; the environment variable ``FASTMAE_IMPL`` overrides it.
     """
 
     def __init__(

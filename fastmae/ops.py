@@ -1,17 +1,23 @@
 """Dispatch of each fused op to its Triton kernel or its eager form, by ``impl``.
 
-``impl`` is ``"auto"`` (Triton for CUDA tensors when a kernel exists for the op, eager otherwise), ``"triton"``
-(Triton wherever a kernel exists; on the CPU only under ``TRITON_INTERPRET=1``) or ``"eager"``. The environment
-variable ``FASTMAE_IMPL`` overrides what a constructor was given. Kernel modules are imported lazily, on first
-use, so that ``TRITON_INTERPRET`` may be set after ``import fastmae`` and nothing touches the GPU at import.
+``impl`` is ``"auto"`` (Triton for CUDA tensors when a kernel exists for the op and takes the arguments, eager
+otherwise), ``"triton"`` (Triton wherever a kernel exists; on the CPU only under ``TRITON_INTERPRET=1``; a kernel
+refusing its arguments raises) or ``"eager"``. The environment variable ``FASTMAE_IMPL`` overrides what a
+constructor was given. Kernel modules are imported lazily, on first use, so that ``TRITON_INTERPRET`` may be set
+after ``import fastmae`` and nothing touches the GPU at import.
+
+Under ``"auto"`` each kernel module's ``unsupported(*args)`` names what its kernel does not take among arguments
+the eager op accepts (an attention head dim outside 16..128, float64 tensors, ...) from shapes, dtypes and flags
+alone: no GPU sync, a few integer comparisons per call, and under ``torch.compile`` decided once per traced shape.
+The op then runs its eager form, with one :class:`EagerFallbackWarning` per (op, reason).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -48,13 +54,50 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+# op name -> (kernel, its module's ``unsupported`` check), or None without a kernel; filled by has_kernel.
+_loaded: dict[str, tuple[Callable, Callable[..., str | None]] | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def has_kernel(op: str) -> bool:
+    """Whether fastmae ships a kernel for ``op`` (and Triton is installed); imports its module on first use. Under
+    torch.compile this runs while tracing (its result is a constant), so no import machinery enters the graph."""
+    if op not in _loaded:
+        module, name = KERNELS[op]
+        if importlib.util.find_spec("triton") is None or importlib.util.find_spec(module) is None:
+            _loaded[op] = None
+        else:
+            mod = importlib.import_module(module)
+            _loaded[op] = (getattr(mod, name), mod.unsupported)
+    return _loaded[op] is not None
+
+
 def triton_kernel(op: str) -> Callable | None:
     """The Triton implementation of ``op``, or None when fastmae ships no kernel for it (or Triton is missing)."""
-    module, name = KERNELS[op]
-    if importlib.util.find_spec("triton") is None or importlib.util.find_spec(module) is None:
-        return None
-    return getattr(importlib.import_module(module), name)
+    return _loaded[op][0] if has_kernel(op) else None
+
+
+class EagerFallbackWarning(UserWarning):
+    """``impl="auto"`` ran an op's eager form because its Triton kernel does not take the arguments."""
+
+
+def kernel_limits(op: str) -> Callable[..., str | None]:
+    """The ``unsupported`` check of ``op``'s kernel module (a kernel must exist): the op's arguments → a reason
+    the kernel does not take them, or None."""
+    has_kernel(op)
+    return _loaded[op][1]
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+@torch.compiler.assume_constant_result
+def _warn_fallback(op: str, reason: str) -> bool:
+    """Warn once per (op, reason); under torch.compile it runs while tracing (its result is a constant)."""
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(f"impl='auto' runs {op} eagerly: {reason}", EagerFallbackWarning, stacklevel=4)
+    return True
 
 
 def check_device(impl: str, x: torch.Tensor) -> None:
@@ -66,14 +109,28 @@ def check_device(impl: str, x: torch.Tensor) -> None:
         )
 
 
-def use_triton(impl: str, op: str, x: torch.Tensor) -> bool:
-    """Whether ``op`` on tensor ``x`` runs its Triton kernel under ``impl``."""
+def auto_device(x: torch.Tensor) -> bool:
+    """Whether ``impl="auto"`` runs kernels on ``x``'s device: CUDA. (Tests point it at the CPU tensors of the
+    interpreter to exercise the ``"auto"`` path.)"""
+    return x.is_cuda
+
+
+def use_triton(impl: str, op: str, x: torch.Tensor, *args) -> bool:
+    """Whether ``op`` runs its Triton kernel under ``impl``, given its arguments ``x, *args``. Under ``"auto"``
+    a kernel that does not take them (see the module docstring) leaves the op to its eager form, with a warning."""
     if impl == "eager":
         return False
-    if impl == "auto" and not x.is_cuda:
+    if impl == "auto" and not auto_device(x):
         return False
     check_device(impl, x)
-    return triton_kernel(op) is not None
+    if triton_kernel(op) is None:
+        return False
+    if impl == "auto":
+        reason = kernel_limits(op)(x, *args)
+        if reason is not None:
+            _warn_fallback(op, reason)
+            return False
+    return True
 
 
 def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
@@ -87,27 +144,30 @@ def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None
 
 def patch_embed_visible(impl: str, imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.Tensor:
     """See :func:`fastmae.reference.patch_embed_visible`."""
-    fn = triton_kernel("patch_embed") if use_triton(impl, "patch_embed", imgs) else reference.patch_embed_visible
-    return fn(imgs, ids_keep, weight, bias, pos_embed, cls_token)
+    args = (imgs, ids_keep, weight, bias, pos_embed, cls_token)
+    fn = triton_kernel("patch_embed") if use_triton(impl, "patch_embed", *args) else reference.patch_embed_visible
+    return fn(*args)
 
 
 def attention(impl: str, qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
     """See :func:`fastmae.reference.attention`; the eager path uses SDPA."""
-    fn = triton_kernel("attention") if use_triton(impl, "attention", qkv) else sdpa_attention
+    fn = triton_kernel("attention") if use_triton(impl, "attention", qkv, num_heads, scale) else sdpa_attention
     return fn(qkv, num_heads, scale)
 
 
 def masked_mse_loss(impl: str, pred, imgs, mask, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
     """See :func:`fastmae.reference.masked_mse_loss`."""
-    fn = triton_kernel("masked_mse") if use_triton(impl, "masked_mse", pred) else reference.masked_mse_loss
-    return fn(pred, imgs, mask, patch_size, norm_pix_loss)
+    args = (pred, imgs, mask, patch_size, norm_pix_loss)
+    fn = triton_kernel("masked_mse") if use_triton(impl, "masked_mse", *args) else reference.masked_mse_loss
+    return fn(*args)
 
 
 def masked_mse_loss_rows(impl: str, pred, imgs, mask, masked_ids, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
     """The loss of predictions made for the masked patches only: ``pred [N, M, p²·C]``, row m is patch
     ``masked_ids[n, m]``; equal to :func:`masked_mse_loss` of those rows placed in a full ``[N, L, p²·C]``."""
-    if use_triton(impl, "masked_mse_rows", pred):
-        return triton_kernel("masked_mse_rows")(pred, imgs, masked_ids, patch_size, norm_pix_loss)
+    args = (pred, imgs, masked_ids, patch_size, norm_pix_loss)
+    if use_triton(impl, "masked_mse_rows", *args):
+        return triton_kernel("masked_mse_rows")(*args)
     index = masked_ids.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # [N, M, p²C]
     full = pred.new_zeros(mask.shape[0], mask.shape[1], pred.shape[-1]).scatter(1, index, pred)  # [N, L, p²C]
     return reference.masked_mse_loss(full, imgs, mask, patch_size, norm_pix_loss)
@@ -115,18 +175,20 @@ def masked_mse_loss_rows(impl: str, pred, imgs, mask, masked_ids, patch_size: in
 
 def decoder_assemble(impl: str, x, ids_restore, mask_token, pos_embed) -> torch.Tensor:
     """See :func:`fastmae.reference.decoder_assemble`."""
-    use = use_triton(impl, "decoder_assembly", x)
+    args = (x, ids_restore, mask_token, pos_embed)
+    use = use_triton(impl, "decoder_assembly", *args)
     fn = triton_kernel("decoder_assembly") if use else reference.decoder_assemble
-    return fn(x, ids_restore, mask_token, pos_embed)
+    return fn(*args)
 
 
 def layer_norm(impl: str, x, weight, bias, branch=None, eps: float = 1e-6, out_dtype=None):
     """See :func:`fastmae.reference.layer_norm`; under CUDA autocast the kernel writes y in the autocast dtype."""
-    fn = triton_kernel("layer_norm") if use_triton(impl, "layer_norm", x) else reference.layer_norm
-    return fn(x, weight, bias, branch, eps, out_dtype)
+    args = (x, weight, bias, branch, eps, out_dtype)
+    fn = triton_kernel("layer_norm") if use_triton(impl, "layer_norm", *args) else reference.layer_norm
+    return fn(*args)
 
 
 def gelu(impl: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`fastmae.reference.gelu`; the kernel returns x's dtype."""
-    fn = triton_kernel("gelu") if use_triton(impl, "gelu", x) else reference.gelu
+    fn = triton_kernel("gelu") if use_triton(impl, "gelu", x, bias) else reference.gelu
     return fn(x, bias)

@@ -48,6 +48,15 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
+def unsupported_float(**tensors) -> str | None:
+    """For a kernel module's ``unsupported`` check: the first floating tensor of a dtype the kernels do not take
+    (float64, ...) that the eager ops accept, named, or None."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in FLOAT_DTYPES:
+            return f"{name} is {t.dtype}; the kernel takes float32, float16 or bfloat16"
+    return None
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     """Raise a ValueError naming the tensors when they are not all on one device."""
     devices = {name: t.device for name, t in tensors.items()}

@@ -1,27 +1,44 @@
 """Flash attention for MAE's short sequences: packed ``qkv`` in, the output projection's layout out.
 
 Math, per batch row b and head h, with q, k, v the ``[N, d]`` slices of ``qkv [B, N, 3, H, d]`` read in place
-through strides (no permute, no copy) and ``c = scale · log2(e)``:
+through strides (no permute, no copy). fp16/bf16 work on base-2 logits, ``c = scale · log2(e)``; fp32
+(``EXACT_P``) forms natural-unit logits exactly as the eager op does, ``e^x`` computed as ``2^(x · log2(e))``:
 
 Forward (``_attn_fwd``: one program per query tile, looping over key tiles)::
 
-    s2  = (q · kᵀ) · c                                          # base-2 logits, fp32
-    m'  = max(m, rowmax(s2));  alpha = 2^(m − m');  p̃ = 2^(s2 − m')
+    s   = (q · kᵀ) · c            (fp16/bf16)      s = (q · scale) · kᵀ      (fp32)    # fp32 logits
+    m'  = max(m, rowmax(s));  alpha = 2^(m − m'), p̃ = 2^(s − m')  (fp32: e^(m − m'), e^(s − m'))
     l   = alpha · l + rowsum(p̃);  acc = alpha · acc + p̃ · v     # online softmax, fp32 state
     out = acc / l        -> out [B, N, H·d], columns h·d .. h·d+d-1 (the proj Linear's input layout)
-    lse = m + log2(l)    -> lse [B, H, N], fp32, base 2, saved for the backward
+    stats [B, H, S, N], fp32, saved for the backward: S = 1: lse = m + log2(l) (fp16/bf16); S = 2: m, l (fp32)
 
-Backward, given ``dout = ∂L/∂out [B, N, H·d]`` and ``p = 2^(q·kᵀ·c − lse)`` recomputed from the saved lse::
+Backward, given ``dout = ∂L/∂out [B, N, H·d]`` and p recomputed from the same logits s and the stats,
+``p = 2^(s − lse)`` (fp16/bf16) or ``p = e^(s − m) · (1/l)`` (fp32)::
 
     dp = dout · vᵀ,  Delta = rowsum(dout ∘ out) = rowsum(p ∘ dp),  ds = p ∘ (dp − Delta) · scale
     dv = pᵀ · dout,  dk = dsᵀ · q,  dq = ds · k     -> written straight into dqkv [B, N, 3·H·d]
+
+Why fp32 differs: the eager op normalizes the very logits it computed, so with peaked softmaxes (|s| in the
+hundreds) its p barely depends on their rounding; a recomputed p is off by any difference between the forward's
+and the backward's exponent. Three such differences, each a rounding at |s|: (1) a saved lse = m + log2(l)
+(~|lse| · 2^-25); (2) a backward s that is not bitwise the forward's: kᵀ·q-ordered scores in the dK/dV kernel,
+which a BLAS (OpenBLAS' Haswell kernels under the interpreter) or an MMA may round differently from q·kᵀ; (3) base-2
+logits, 1.44× larger, with the product by c after the dot. So in fp32 every kernel forms s = (q · scale) · kᵀ in
+the forward's orientation (queries as rows; the dK/dV kernel transposes p and ds for its dots) and the forward saves
+(m, l), so that s − m cancels exactly. Measured dv error (an exact numpy replay of the interpreted kernels, 33 fp32
+cases: d = 32..128, N = 7..257, |s| up to ~500; six CPU setups: ATEN_CPU_CAPABILITY default/avx2/avx512 × OpenBLAS
+Haswell/SkylakeX), as the worst ratio to the tests' bound 2 · eager error + 1e-5: base-2 lse with kᵀ·q scores (the
+former kernel) 7.6; with (m, l) 7.6; forward orientation 1.17, with (m, l) 1.13, and q pre-scaled by c 1.17;
+natural units with lse 1.00; all three 0.70. p = e^(s − m) / l, e^(s − m) · (1/l) and e^(s − m − ln l) measure
+alike; ``· (1/l)`` costs one multiply per element. fp16/bf16 round p to 16 bits (2^-9 / 2^-12) before its dots,
+far above these effects, and keep the cheaper base-2 form: no extra stats, no transposes.
 
 * N <= 64 in fp16/bf16 (the ViT-B/L encoder's 50 tokens): ``_attn_bwd_fused``, one program per (b, h) holds the
   whole head in one tile and does the five dots once; Delta = rowsum(p ∘ dp), so ``out`` is not even read.
 * otherwise: ``_attn_bwd_dq`` (one program per query tile: the Delta preprocess from ``dout ∘ out`` for its rows,
   stored to an fp32 ``[B, H, N]`` buffer, then dq over all key tiles), then ``_attn_bwd_dkdv`` (one program per
   key tile, looping over query tiles, reading Delta). dq is recomputed rather than accumulated across programs.
-Every element of out, lse, Delta and dqkv is written by exactly one program, in a fixed order: no atomics, and
+Every element of out, stats, Delta and dqkv is written by exactly one program, in a fixed order: no atomics, and
 results are bitwise deterministic run to run.
 
 Tiling (``tiling``): full tiles of BLOCK = 64 rows/keys (32 in fp32), then ONE tail tile of TAIL = the leftover
@@ -74,7 +91,16 @@ from collections.abc import Iterator
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import check_float, empty, interpreting
+from fastmae.kernels._attention_tiles import (
+    dkdv_step,
+    dq_step,
+    fwd_step,
+    load_stats,
+    load_tile,
+    store_stats,
+    store_tile,
+)
+from fastmae.kernels._common import check_float, empty, interpreting, unsupported_float
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
@@ -83,51 +109,16 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 
 @triton.jit
-def _load_tile(base, rows, stride, n, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """``[len(rows), D_PAD]`` tile of a row-major ``[n, HEAD_DIM]`` slice with row stride ``stride``; 0 outside."""
-    offs_d = tl.arange(0, D_PAD)
-    mask = offs_d[None, :] < HEAD_DIM
-    if MASK_ROWS:
-        mask = mask & (rows[:, None] < n)
-    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_tile(base, rows, stride, n, x, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    offs_d = tl.arange(0, D_PAD)
-    mask = (rows[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(base + rows[:, None] * stride + offs_d[None, :], x.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _fwd_step(
-    q, m_i, l_i, acc, k_ptr, v_ptr, start, N, stride, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, COLS: tl.constexpr, MASK: tl.constexpr,
-):  # fmt: skip
-    """One key tile of the online softmax: updated (m_i, l_i, acc)."""
-    cols = start + tl.arange(0, COLS)
-    k = _load_tile(k_ptr, cols, stride, N, HEAD_DIM, D_PAD, MASK)  # [COLS, D_PAD]
-    v = _load_tile(v_ptr, cols, stride, N, HEAD_DIM, D_PAD, MASK)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [ROWS, COLS], base 2
-    if MASK:
-        s = tl.where(cols[None, :] < N, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _fwd_rows(
-    q_ptr, o_ptr, lse_ptr, row0, N, H, stride_qkv_n, stride_out_n, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr, o_ptr, stats_ptr, row0, N, H, stride_qkv_n, stride_out_n, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
     BLOCK: tl.constexpr, TAIL: tl.constexpr, ROWS: tl.constexpr, MASK_Q: tl.constexpr,
 ):  # fmt: skip
-    """out and lse of query rows ``row0 .. row0+ROWS-1``: full key tiles of BLOCK, then one masked TAIL tile."""
+    """out and stats of query rows ``row0 .. row0+ROWS-1``: full key tiles of BLOCK, then one masked TAIL tile."""
     rows = row0 + tl.arange(0, ROWS)
-    q = _load_tile(q_ptr, rows, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_Q)  # [ROWS, D_PAD]
+    q = load_tile(q_ptr, rows, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_Q)  # [ROWS, D_PAD]
+    if EXACT_P:
+        q = q * scale
     k_ptr = q_ptr + H * HEAD_DIM
     v_ptr = k_ptr + H * HEAD_DIM
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -135,23 +126,26 @@ def _fwd_rows(
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
     n_full = N // BLOCK * BLOCK
     for start in range(0, n_full, BLOCK):
-        m_i, l_i, acc = _fwd_step(
-            q, m_i, l_i, acc, k_ptr, v_ptr, start, N, stride_qkv_n, qk_scale, HEAD_DIM, D_PAD, PRECISION, BLOCK, False
-        )
+        m_i, l_i, acc = fwd_step(
+            q, m_i, l_i, acc, k_ptr, v_ptr, start, N, stride_qkv_n, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, BLOCK, False,
+        )  # fmt: skip
     if n_full < N:
-        m_i, l_i, acc = _fwd_step(
-            q, m_i, l_i, acc, k_ptr, v_ptr, n_full, N, stride_qkv_n, qk_scale, HEAD_DIM, D_PAD, PRECISION, TAIL, True
-        )
-    _store_tile(o_ptr, rows, stride_out_n, N, acc / l_i[:, None], HEAD_DIM, D_PAD)
-    tl.store(lse_ptr + rows, m_i + tl.math.log2(l_i), mask=rows < N)
+        m_i, l_i, acc = fwd_step(
+            q, m_i, l_i, acc, k_ptr, v_ptr, n_full, N, stride_qkv_n, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, TAIL, True,
+        )  # fmt: skip
+    store_tile(o_ptr, rows, stride_out_n, N, acc / l_i[:, None], HEAD_DIM, D_PAD)
+    store_stats(stats_ptr, rows, N, m_i, l_i, EXACT_P)
 
 
 @triton.jit
 def _attn_fwd(
-    QKV, Out, Lse, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+    QKV, Out, Stats, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
+    BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    """out and lse for one query tile of one (b, h); grid ``(B·H·cdiv(N, BLOCK),)``, a head's tiles adjacent."""
+    """out and stats for one query tile of one (b, h); grid ``(B·H·cdiv(N, BLOCK),)``, a head's tiles adjacent."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK)
     bh = pid // n_tiles
@@ -160,22 +154,22 @@ def _attn_fwd(
     h = bh % H
     q_ptr = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     o_ptr = Out + b.to(tl.int64) * stride_out_b + h * HEAD_DIM
-    lse_ptr = Lse + bh.to(tl.int64) * N
+    stats_ptr = Stats + bh.to(tl.int64) * N * (1 + EXACT_P)
     if (tile + 1) * BLOCK <= N:
         _fwd_rows(
-            q_ptr, o_ptr, lse_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_out_n, qk_scale,
-            HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, BLOCK, False,
+            q_ptr, o_ptr, stats_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_out_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, BLOCK, TAIL, BLOCK, False,
         )  # fmt: skip
     else:
         _fwd_rows(
-            q_ptr, o_ptr, lse_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_out_n, qk_scale,
-            HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, TAIL, True,
+            q_ptr, o_ptr, stats_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_out_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, BLOCK, TAIL, TAIL, True,
         )  # fmt: skip
 
 
 @triton.jit
 def _attn_bwd_fused(
-    QKV, Lse, DOut, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
+    QKV, Stats, DOut, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
     scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -187,11 +181,11 @@ def _attn_bwd_fused(
     dqkv_ptr = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
     do_ptr = DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
     idx = tl.arange(0, BLOCK)
-    q = _load_tile(q_ptr, idx, stride_qkv_n, N, HEAD_DIM, D_PAD, True)  # [BLOCK, D_PAD]
-    k = _load_tile(q_ptr + H * HEAD_DIM, idx, stride_qkv_n, N, HEAD_DIM, D_PAD, True)
-    v = _load_tile(q_ptr + 2 * H * HEAD_DIM, idx, stride_qkv_n, N, HEAD_DIM, D_PAD, True)
-    do = _load_tile(do_ptr, idx, stride_do_n, N, HEAD_DIM, D_PAD, True)
-    lse = tl.load(Lse + bh.to(tl.int64) * N + idx, mask=idx < N, other=0.0)
+    q = load_tile(q_ptr, idx, stride_qkv_n, N, HEAD_DIM, D_PAD, True)  # [BLOCK, D_PAD]
+    k = load_tile(q_ptr + H * HEAD_DIM, idx, stride_qkv_n, N, HEAD_DIM, D_PAD, True)
+    v = load_tile(q_ptr + 2 * H * HEAD_DIM, idx, stride_qkv_n, N, HEAD_DIM, D_PAD, True)
+    do = load_tile(do_ptr, idx, stride_do_n, N, HEAD_DIM, D_PAD, True)
+    lse = tl.load(Stats + bh.to(tl.int64) * N + idx, mask=idx < N, other=0.0)  # fp16/bf16: S = 1, lse
 
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK(q), BLOCK(k)]
     valid = (idx[:, None] < N) & (idx[None, :] < N)
@@ -200,68 +194,53 @@ def _attn_bwd_fused(
     delta = tl.sum(p * dp, 1)
     ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
     dv = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=PRECISION)  # [BLOCK, D_PAD]
-    _store_tile(dqkv_ptr + 2 * H * HEAD_DIM, idx, stride_dqkv_n, N, dv, HEAD_DIM, D_PAD)
+    store_tile(dqkv_ptr + 2 * H * HEAD_DIM, idx, stride_dqkv_n, N, dv, HEAD_DIM, D_PAD)
     dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
-    _store_tile(dqkv_ptr + H * HEAD_DIM, idx, stride_dqkv_n, N, dk, HEAD_DIM, D_PAD)
+    store_tile(dqkv_ptr + H * HEAD_DIM, idx, stride_dqkv_n, N, dk, HEAD_DIM, D_PAD)
     dq = tl.dot(ds, k, input_precision=PRECISION)
-    _store_tile(dqkv_ptr, idx, stride_dqkv_n, N, dq, HEAD_DIM, D_PAD)
-
-
-@triton.jit
-def _dq_step(
-    q, do, lse, delta, dq, k_ptr, v_ptr, start, N, stride, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, COLS: tl.constexpr, MASK: tl.constexpr,
-):  # fmt: skip
-    """dq += ds · k over one key tile."""
-    cols = start + tl.arange(0, COLS)
-    k = _load_tile(k_ptr, cols, stride, N, HEAD_DIM, D_PAD, MASK)  # [COLS, D_PAD]
-    v = _load_tile(v_ptr, cols, stride, N, HEAD_DIM, D_PAD, MASK)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [ROWS, COLS]
-    p = tl.math.exp2(s - lse[:, None])
-    if MASK:
-        p = tl.where(cols[None, :] < N, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None]) * scale
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    store_tile(dqkv_ptr, idx, stride_dqkv_n, N, dq, HEAD_DIM, D_PAD)
 
 
 @triton.jit
 def _dq_rows(
-    q_ptr, o_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, row0, N, H,
+    q_ptr, o_ptr, do_ptr, dq_ptr, stats_ptr, delta_ptr, row0, N, H,
     stride_qkv_n, stride_out_n, stride_do_n, stride_dqkv_n, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
     BLOCK: tl.constexpr, TAIL: tl.constexpr, ROWS: tl.constexpr, MASK_Q: tl.constexpr,
 ):  # fmt: skip
     """Delta and dq of query rows ``row0 .. row0+ROWS-1``."""
     rows = row0 + tl.arange(0, ROWS)
-    q = _load_tile(q_ptr, rows, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_Q)  # [ROWS, D_PAD]
-    do = _load_tile(do_ptr, rows, stride_do_n, N, HEAD_DIM, D_PAD, MASK_Q)
-    o = _load_tile(o_ptr, rows, stride_out_n, N, HEAD_DIM, D_PAD, MASK_Q)
+    q = load_tile(q_ptr, rows, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_Q)  # [ROWS, D_PAD]
+    do = load_tile(do_ptr, rows, stride_do_n, N, HEAD_DIM, D_PAD, MASK_Q)
+    o = load_tile(o_ptr, rows, stride_out_n, N, HEAD_DIM, D_PAD, MASK_Q)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [ROWS]
     tl.store(delta_ptr + rows, delta, mask=rows < N)
-    lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
+    if EXACT_P:
+        q = q * scale  # only the logits read q
+    shift, inv_l = load_stats(stats_ptr, rows, N, True, EXACT_P)
     k_ptr = q_ptr + H * HEAD_DIM
     v_ptr = k_ptr + H * HEAD_DIM
     dq = tl.zeros([ROWS, D_PAD], tl.float32)
     n_full = N // BLOCK * BLOCK
     for start in range(0, n_full, BLOCK):
-        dq = _dq_step(
-            q, do, lse, delta, dq, k_ptr, v_ptr, start, N, stride_qkv_n, scale, qk_scale,
-            HEAD_DIM, D_PAD, PRECISION, BLOCK, False,
+        dq = dq_step(
+            q, do, shift, inv_l, delta, dq, k_ptr, v_ptr, start, N, stride_qkv_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, BLOCK, False,
         )  # fmt: skip
     if n_full < N:
-        dq = _dq_step(
-            q, do, lse, delta, dq, k_ptr, v_ptr, n_full, N, stride_qkv_n, scale, qk_scale,
-            HEAD_DIM, D_PAD, PRECISION, TAIL, True,
+        dq = dq_step(
+            q, do, shift, inv_l, delta, dq, k_ptr, v_ptr, n_full, N, stride_qkv_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, TAIL, True,
         )  # fmt: skip
-    _store_tile(dq_ptr, rows, stride_dqkv_n, N, dq, HEAD_DIM, D_PAD)
+    store_tile(dq_ptr, rows, stride_dqkv_n, N, dq, HEAD_DIM, D_PAD)
 
 
 @triton.jit
 def _attn_bwd_dq(
-    QKV, Out, Lse, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
+    QKV, Out, Stats, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
     stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
+    BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
     """Delta and dq of one query tile; grid ``(B·H·cdiv(N, BLOCK),)``."""
     pid = tl.program_id(0)
@@ -274,80 +253,55 @@ def _attn_bwd_dq(
     o_ptr = Out + b.to(tl.int64) * stride_out_b + h * HEAD_DIM
     do_ptr = DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
     dq_ptr = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
-    lse_ptr = Lse + bh.to(tl.int64) * N
+    stats_ptr = Stats + bh.to(tl.int64) * N * (1 + EXACT_P)
     delta_ptr = Delta + bh.to(tl.int64) * N
     if (tile + 1) * BLOCK <= N:
         _dq_rows(
-            q_ptr, o_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, tile * BLOCK, N, H,
+            q_ptr, o_ptr, do_ptr, dq_ptr, stats_ptr, delta_ptr, tile * BLOCK, N, H,
             stride_qkv_n, stride_out_n, stride_do_n, stride_dqkv_n, scale, qk_scale,
-            HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, BLOCK, False,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, BLOCK, TAIL, BLOCK, False,
         )  # fmt: skip
     else:
         _dq_rows(
-            q_ptr, o_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, tile * BLOCK, N, H,
+            q_ptr, o_ptr, do_ptr, dq_ptr, stats_ptr, delta_ptr, tile * BLOCK, N, H,
             stride_qkv_n, stride_out_n, stride_do_n, stride_dqkv_n, scale, qk_scale,
-            HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, TAIL, True,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, BLOCK, TAIL, TAIL, True,
         )  # fmt: skip
-
-
-@triton.jit
-def _dkdv_step(
-    k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, start, N, stride_qkv_n, stride_do_n, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr, MASK: tl.constexpr,
-):  # fmt: skip
-    """dv += pᵀ · dout and dk += dsᵀ · q over one query tile (scores transposed: keys are rows)."""
-    rows = start + tl.arange(0, ROWS)
-    q = _load_tile(q_ptr, rows, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK)  # [ROWS, D_PAD]
-    do = _load_tile(do_ptr, rows, stride_do_n, N, HEAD_DIM, D_PAD, MASK)
-    if MASK:
-        lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
-        delta = tl.load(delta_ptr + rows, mask=rows < N, other=0.0)
-    else:
-        lse = tl.load(lse_ptr + rows)
-        delta = tl.load(delta_ptr + rows)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [COLS, ROWS]
-    p_t = tl.math.exp2(s_t - lse[None, :])
-    if MASK:
-        p_t = tl.where(rows[None, :] < N, p_t, 0.0)
-    dv = tl.dot(p_t.to(q.dtype), do, dv, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :]) * scale
-    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-    return dk, dv
 
 
 @triton.jit
 def _dkdv_cols(
-    q_ptr, do_ptr, dk_ptr, lse_ptr, delta_ptr, col0, N, H, stride_qkv_n, stride_do_n, stride_dqkv_n, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr, do_ptr, dk_ptr, stats_ptr, delta_ptr, col0, N, H, stride_qkv_n, stride_do_n, stride_dqkv_n, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
     BLOCK: tl.constexpr, TAIL: tl.constexpr, COLS: tl.constexpr, MASK_K: tl.constexpr,
 ):  # fmt: skip
     """dk and dv of keys ``col0 .. col0+COLS-1``: full query tiles of BLOCK, then one masked TAIL tile."""
     cols = col0 + tl.arange(0, COLS)
-    k = _load_tile(q_ptr + H * HEAD_DIM, cols, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_K)  # [COLS, D_PAD]
-    v = _load_tile(q_ptr + 2 * H * HEAD_DIM, cols, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_K)
+    k = load_tile(q_ptr + H * HEAD_DIM, cols, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_K)  # [COLS, D_PAD]
+    v = load_tile(q_ptr + 2 * H * HEAD_DIM, cols, stride_qkv_n, N, HEAD_DIM, D_PAD, MASK_K)
     dk = tl.zeros([COLS, D_PAD], tl.float32)
     dv = tl.zeros([COLS, D_PAD], tl.float32)
     n_full = N // BLOCK * BLOCK
     for start in range(0, n_full, BLOCK):
-        dk, dv = _dkdv_step(
-            k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, start, N, stride_qkv_n, stride_do_n, scale, qk_scale,
-            HEAD_DIM, D_PAD, PRECISION, BLOCK, False,
+        dk, dv = dkdv_step(
+            k, v, dk, dv, q_ptr, do_ptr, stats_ptr, delta_ptr, start, N, stride_qkv_n, stride_do_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, BLOCK, False,
         )  # fmt: skip
     if n_full < N:
-        dk, dv = _dkdv_step(
-            k, v, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, n_full, N, stride_qkv_n, stride_do_n, scale, qk_scale,
-            HEAD_DIM, D_PAD, PRECISION, TAIL, True,
+        dk, dv = dkdv_step(
+            k, v, dk, dv, q_ptr, do_ptr, stats_ptr, delta_ptr, n_full, N, stride_qkv_n, stride_do_n, scale, qk_scale,
+            HEAD_DIM, D_PAD, PRECISION, EXACT_P, TAIL, True,
         )  # fmt: skip
-    _store_tile(dk_ptr, cols, stride_dqkv_n, N, dk, HEAD_DIM, D_PAD)
-    _store_tile(dk_ptr + H * HEAD_DIM, cols, stride_dqkv_n, N, dv, HEAD_DIM, D_PAD)
+    store_tile(dk_ptr, cols, stride_dqkv_n, N, dk, HEAD_DIM, D_PAD)
+    store_tile(dk_ptr + H * HEAD_DIM, cols, stride_dqkv_n, N, dv, HEAD_DIM, D_PAD)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    QKV, Lse, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
+    QKV, Stats, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
     stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
+    BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
     """dk and dv of one key tile (after ``_attn_bwd_dq`` wrote Delta); grid ``(B·H·cdiv(N, BLOCK),)``."""
     pid = tl.program_id(0)
@@ -359,17 +313,17 @@ def _attn_bwd_dkdv(
     q_ptr = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     do_ptr = DOut + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
     dk_ptr = DQKV + b.to(tl.int64) * stride_dqkv_b + (H + h) * HEAD_DIM
-    lse_ptr = Lse + bh.to(tl.int64) * N
+    stats_ptr = Stats + bh.to(tl.int64) * N * (1 + EXACT_P)
     delta_ptr = Delta + bh.to(tl.int64) * N
     if (tile + 1) * BLOCK <= N:
         _dkdv_cols(
-            q_ptr, do_ptr, dk_ptr, lse_ptr, delta_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_do_n, stride_dqkv_n,
-            scale, qk_scale, HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, BLOCK, False,
+            q_ptr, do_ptr, dk_ptr, stats_ptr, delta_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_do_n, stride_dqkv_n,
+            scale, qk_scale, HEAD_DIM, D_PAD, PRECISION, EXACT_P, BLOCK, TAIL, BLOCK, False,
         )  # fmt: skip
     else:
         _dkdv_cols(
-            q_ptr, do_ptr, dk_ptr, lse_ptr, delta_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_do_n, stride_dqkv_n,
-            scale, qk_scale, HEAD_DIM, D_PAD, PRECISION, BLOCK, TAIL, TAIL, True,
+            q_ptr, do_ptr, dk_ptr, stats_ptr, delta_ptr, tile * BLOCK, N, H, stride_qkv_n, stride_do_n, stride_dqkv_n,
+            scale, qk_scale, HEAD_DIM, D_PAD, PRECISION, EXACT_P, BLOCK, TAIL, TAIL, True,
         )  # fmt: skip
 
 
@@ -466,8 +420,10 @@ def _launch(name: str, dtype: torch.dtype, grid, args: tuple, consts: dict) -> N
 
 
 def _consts(dtype: torch.dtype, head_dim: int) -> dict:
-    precision = "tf32x3" if dtype == torch.float32 else "tf32"  # tf32 is unused by fp16/bf16 dots
-    return {"HEAD_DIM": head_dim, "D_PAD": triton.next_power_of_2(head_dim), "PRECISION": precision}
+    """The constexprs of the tiled kernels (the fused one takes no EXACT_P: it runs fp16/bf16 only)."""
+    exact = dtype == torch.float32
+    precision = "tf32x3" if exact else "tf32"  # tf32 is unused by fp16/bf16 dots
+    return {"HEAD_DIM": head_dim, "D_PAD": triton.next_power_of_2(head_dim), "PRECISION": precision, "EXACT_P": exact}
 
 
 def _op(name: str):
@@ -487,24 +443,27 @@ def _op(name: str):
 
 @_op("fastmae::attention_fwd")
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """out ``[B, N, H·d]`` and the base-2 row logsumexp ``[B, H, N]`` (fp32) of validated, unit-stride ``qkv``."""
+    """out ``[B, N, H·d]`` and the fp32 softmax statistics ``[B, H, S, N]`` of validated, unit-stride ``qkv``:
+    S = 2 rows (m, l) for fp32 qkv, else S = 1 row, the base-2 logsumexp (see the module's math)."""
     b, n, three_hd = qkv.shape
     h, d = num_heads, three_hd // (3 * num_heads)
+    consts = _consts(qkv.dtype, d)
     out = empty(b, n, h * d, dtype=qkv.dtype, device=qkv.device)  # [B, N, H·d]
-    lse = empty(b, h, n, dtype=torch.float32, device=qkv.device)  # [B, H, N]
+    stats = empty(b, h, 1 + consts["EXACT_P"], n, dtype=torch.float32, device=qkv.device)  # [B, H, S, N]
     if b > 0:
         block, tail, _ = tiling(n, qkv.dtype)
-        args = (qkv, out, lse, n, h, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale * LOG2E)
+        strides = (qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1))
+        args = (qkv, out, stats, n, h, *strides, scale, scale * LOG2E)
         grid = (b * h * triton.cdiv(n, block),)
-        _launch("fwd", qkv.dtype, grid, args, {**_consts(qkv.dtype, d), "BLOCK": block, "TAIL": tail})
-    return out, lse
+        _launch("fwd", qkv.dtype, grid, args, {**consts, "BLOCK": block, "TAIL": tail})
+    return out, stats
 
 
 @_op("fastmae::attention_bwd")
 def attention_bwd(
-    qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, num_heads: int, scale: float
+    qkv: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor, num_heads: int, scale: float
 ) -> torch.Tensor:
-    """dqkv ``[B, N, 3·H·d]`` from the forward's qkv, out, lse and a unit-stride ``dout [B, N, H·d]``."""
+    """dqkv ``[B, N, 3·H·d]`` from the forward's qkv, out, stats and a unit-stride ``dout [B, N, H·d]``."""
     b, n, three_hd = qkv.shape
     h, d = num_heads, three_hd // (3 * num_heads)
     dqkv = empty(b, n, three_hd, dtype=qkv.dtype, device=qkv.device)  # [B, N, 3·H·d]
@@ -514,35 +473,61 @@ def attention_bwd(
     consts = _consts(qkv.dtype, d)
     strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1))
     if fused:
-        args = (qkv, lse, dout, dqkv, n, h, *strides, scale, scale * LOG2E)
+        args = (qkv, stats, dout, dqkv, n, h, *strides, scale, scale * LOG2E)
+        del consts["EXACT_P"]  # False: fused only in fp16/bf16
         _launch("bwd_fused", qkv.dtype, (b * h,), args, {**consts, "BLOCK": tail})
         return dqkv
     consts.update(BLOCK=block, TAIL=tail)
     grid = (b * h * triton.cdiv(n, block),)
     delta = empty(b, h, n, dtype=torch.float32, device=qkv.device)  # [B, H, N]
-    args = (qkv, out, lse, dout, delta, dqkv, n, h, *strides[:2], out.stride(0), out.stride(1), *strides[2:])
+    args = (qkv, out, stats, dout, delta, dqkv, n, h, *strides[:2], out.stride(0), out.stride(1), *strides[2:])
     _launch("bwd_dq", qkv.dtype, grid, (*args, scale, scale * LOG2E), consts)
-    args = (qkv, lse, dout, delta, dqkv, n, h, *strides, scale, scale * LOG2E)
+    args = (qkv, stats, dout, delta, dqkv, n, h, *strides, scale, scale * LOG2E)
     _launch("bwd_dkdv", qkv.dtype, grid, args, consts)
     return dqkv
+
+
+def _shape_limit(qkv: torch.Tensor, num_heads: int) -> str | None:
+    """What the kernels cannot take of a well-formed ``qkv [B, N, 3·H·d]`` the eager op can, or None."""
+    _, n, three_hd = qkv.shape
+    d = three_hd // (3 * num_heads)
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        return f"head dim d = {three_hd} / (3 * {num_heads}) = {d} must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    if n * max(qkv.stride(1), three_hd) >= 2**31:
+        return f"qkv with N = {n} tokens of row stride {qkv.stride(1)} overflows the kernels' int32 offsets"
+    return None
+
+
+def unsupported(qkv, num_heads, scale=None) -> str | None:
+    """Why :func:`attention` does not take arguments the eager op accepts (a head dim outside [16, 128], a
+    sequence past int32 offsets, float64), from shapes and dtypes alone; None when it does or when they are
+    malformed (both then raise)."""
+    reason = unsupported_float(qkv=qkv)
+    if reason is not None or not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        return reason
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+        return None
+    if qkv.shape[-1] % (3 * num_heads) != 0 or qkv.shape[1] < 1:
+        return None
+    return _shape_limit(qkv, num_heads)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-        out, lse = attention_fwd(qkv, num_heads, scale)
-        ctx.save_for_backward(qkv, out, lse)
+        out, stats = attention_fwd(qkv, num_heads, scale)
+        ctx.save_for_backward(qkv, out, stats)
         ctx.num_heads, ctx.scale = num_heads, scale
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout: torch.Tensor):
-        qkv, out, lse = ctx.saved_tensors
+        qkv, out, stats = ctx.saved_tensors
         if dout.stride(-1) != 1 or dout.dtype != qkv.dtype:
             dout = dout.to(qkv.dtype).contiguous()
-        return attention_bwd(qkv, out, lse, dout, ctx.num_heads, ctx.scale), None, None
+        return attention_bwd(qkv, out, stats, dout, ctx.num_heads, ctx.scale), None, None
 
 
 def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
@@ -570,12 +555,11 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     if three_hd % (3 * num_heads) != 0:
         raise ValueError(f"qkv's last dim {three_hd} must be divisible by 3 * num_heads = {3 * num_heads}")
     d = three_hd // (3 * num_heads)
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim d = {three_hd} / (3 * {num_heads}) = {d} must be in [16, 128]")
     if n < 1:
         raise ValueError(f"qkv must hold at least one token (N >= 1), got shape {tuple(qkv.shape)}")
-    if n * max(qkv.stride(1), three_hd) >= 2**31:
-        raise ValueError(f"qkv with N = {n} tokens of row stride {qkv.stride(1)} overflows the kernels' int32 offsets")
+    limit = _shape_limit(qkv, num_heads)
+    if limit is not None:
+        raise ValueError(limit)
     if scale is None:
         scale = d**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):

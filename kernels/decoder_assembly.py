@@ -39,9 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_same_device, empty
+from ._common import check_float, check_same_device, empty, unsupported_float
 
-__all__ = ["decoder_assemble"]
+__all__ = ["decoder_assemble", "unsupported"]
 
 
 @triton.jit
@@ -243,6 +243,11 @@ class _DecoderAssemble(torch.autograd.Function):
             dtok if ctx.needs_input_grad[2] else None,
             dpos,
         )
+
+
+def unsupported(x, ids_restore, mask_token, pos_embed) -> str | None:
+    """Why :func:`decoder_assemble` does not take arguments the eager op accepts (a float64 tensor), or None."""
+    return unsupported_float(x=x, mask_token=mask_token, pos_embed=pos_embed)
 
 
 def decoder_assemble(

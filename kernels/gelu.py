@@ -43,7 +43,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import check_float, check_same_device, empty, interpreting
+from fastmae.kernels._common import check_float, check_same_device, empty, interpreting, unsupported_float
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
@@ -139,6 +139,12 @@ _INTERPRETED = interpreting()
 def _fake(*args) -> bool:
     """Whether a launch gets fake tensors (the interpreter's fake implementation): skip it."""
     return any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
+
+
+def unsupported(x, bias=None) -> str | None:
+    """Why :func:`gelu` does not take arguments the eager op accepts (float64), from dtypes alone; None when it
+    does or when they are malformed (both then raise)."""
+    return unsupported_float(x=x, bias=bias)
 
 
 def _check(x, bias) -> None:

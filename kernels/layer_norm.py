@@ -50,7 +50,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import FLOAT_DTYPES, check_float, check_same_device, empty, interpreting
+from fastmae.kernels._common import FLOAT_DTYPES, check_float, check_same_device, empty, interpreting, unsupported_float
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
@@ -168,6 +168,15 @@ _INTERPRETED = interpreting()
 def _fake(*args) -> bool:
     """Whether a launch gets fake tensors (the interpreter's fake implementation): skip it."""
     return any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
+
+
+def unsupported(x, weight, bias, branch=None, eps=1e-6, out_dtype=None) -> str | None:
+    """Why :func:`layer_norm` does not take arguments the eager op accepts (float64, a row wider than MAX_D), from
+    shapes and dtypes alone; None when it does or when they are malformed (both then raise)."""
+    reason = unsupported_float(x=x, weight=weight, bias=bias, branch=branch)
+    if reason is None and isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] > MAX_D:
+        reason = f"x's last dim D = {x.shape[-1]} exceeds the kernel's maximum {MAX_D}"
+    return reason
 
 
 def _check(x, weight, bias, branch, eps, out_dtype) -> None:

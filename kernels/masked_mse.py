@@ -47,9 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_same_device, empty
+from ._common import check_float, check_same_device, empty, unsupported_float
 
-__all__ = ["check_mask_errors", "masked_mse_loss", "masked_mse_loss_rows"]
+__all__ = ["check_mask_errors", "masked_mse_loss", "masked_mse_loss_rows", "unsupported"]
 
 EPS = 1.0e-6
 REDUCE_BLOCK = 1024
@@ -365,6 +365,15 @@ class _MaskedMSE(torch.autograd.Function):
                 check_mask_errors(wait=False)
             dpred = _backward(grad, pred, imgs, weights, ids, wsum, *ctx.meta)
         return dpred, None, None, None, None, None, None, None
+
+
+def unsupported(pred, imgs, *args) -> str | None:
+    """Why :func:`masked_mse_loss` or :func:`masked_mse_loss_rows` does not take arguments the eager loss accepts
+    (a float64 tensor, images that require grad), or None."""
+    reason = unsupported_float(pred=pred, imgs=imgs)
+    if reason is None and isinstance(imgs, torch.Tensor) and imgs.requires_grad and torch.is_grad_enabled():
+        reason = "imgs requires grad; the kernel gives the images no gradient"
+    return reason
 
 
 def masked_mse_loss(

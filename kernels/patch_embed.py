@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import check_float, check_same_device, empty, interpreting
+from fastmae.kernels._common import check_float, check_same_device, empty, interpreting, unsupported_float
 
 # Compute dtype codes passed to the kernels as the constexpr CT.
 CT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -372,6 +372,15 @@ def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.d
         if lo < 0 or hi >= num_patches:
             raise ValueError(f"ids_keep must hold patch indices in [0, L={num_patches}), got values in [{lo}, {hi}]")
     return ct
+
+
+def unsupported(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> str | None:
+    """Why :func:`patch_embed_visible` does not take arguments the eager op accepts (a float64 tensor, a pos_embed
+    that requires grad), or None."""
+    reason = unsupported_float(imgs=imgs, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
+    if reason is None and isinstance(pos_embed, torch.Tensor) and pos_embed.requires_grad and torch.is_grad_enabled():
+        reason = "pos_embed requires grad; the kernel treats it as MAE's fixed sin-cos table"
+    return reason
 
 
 def _launch_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct, out_dtype, allow_tf32) -> torch.Tensor:
