@@ -27,7 +27,7 @@ So this view and PIL's (the CPU path's) differ by PIL's two roundings: at most `
 where ``max Σ|w| = 1.269`` is the largest sum of absolute normalized weights of this filter (a window with negative
 lobes), plus PIL's fixed-point weights; 1.19 units with margin (tests/test_resized_crop.py).
 
-Tiling: one program per ``BLOCK_Y × BLOCK_X`` tile of one view (grid ``[tiles, B]``), all three channels. The tile's
+Tiling: one program per ``BLOCK_Y × BLOCK_X`` tile of one channel of one view (grid ``[tiles, B, 3]``). The tile's
 rows need crop rows ``[R0, R1)`` and its columns crop columns ``[C0, C1)`` (about ``(BLOCK + 4)·scale`` each); a first
 loop sums each column's horizontal weights. Then for each ``BLOCK_R``-row block of the band: the vertical weights
 ``Wy [BLOCK_Y, BLOCK_R]``; column block by column block the pixels ``P [BLOCK_R, BLOCK_C]`` (a plain 2-D load, rows
@@ -101,7 +101,7 @@ def _fwd_kernel(
     scale0, scale1, scale2, shift0, shift1, shift2,
     COLS: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """One BLOCK_Y × BLOCK_X tile of view b, three channels; row b of META holds its image (see META_COLS)."""
+    """One BLOCK_Y × BLOCK_X tile of channel c of view b; row b of META holds its image (see META_COLS)."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     meta = META + b * COLS
@@ -137,56 +137,45 @@ def _fwd_kernel(
         x_sum += tl.sum(wx, axis=0)
     inv_x = 1.0 / tl.where(x_ok, x_sum, 1.0)  # [BLOCK_X] (columns past S: no 1/0)
 
-    plane0 = src + top * s_h + left * s_w
-    plane1 = plane0 + s_c
-    plane2 = plane1 + s_c
+    c = tl.program_id(2)
+    plane = src + c * s_c + top * s_h + left * s_w
     y_sum = tl.zeros([BLOCK_Y], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
     for r0 in range(r_start, r_end, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         wy = _weights(rs[None, :], y_lo[:, None], y_hi[:, None], y_c[:, None], 1.0 / fy)  # [BLOCK_Y, BLOCK_R]
         y_sum += tl.sum(wy, axis=1)
         r_ok = rs < r_end
         row = rs.to(tl.int64) * s_h
-        h0 = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.float32)
-        h1 = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.float32)
-        h2 = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.float32)
+        t = tl.zeros([BLOCK_R, BLOCK_X], dtype=tl.float32)
         for q0 in range(q_start, q_end, BLOCK_C):
             qs = q0 + tl.arange(0, BLOCK_C)
             wx = _weights(qs[:, None], x_lo[None, :], x_hi[None, :], x_c[None, :], 1.0 / fx)  # [BLOCK_C, BLOCK_X]
             offs = row[:, None] + qs[None, :].to(tl.int64) * s_w  # [BLOCK_R, BLOCK_C]
             ok = r_ok[:, None] & (qs < q_end)[None, :]
-            p0 = tl.load(plane0 + offs, mask=ok, other=0).to(tl.float32)
-            h0 = tl.dot(p0, wx, h0, input_precision="ieee")
-            p1 = tl.load(plane1 + offs, mask=ok, other=0).to(tl.float32)
-            h1 = tl.dot(p1, wx, h1, input_precision="ieee")
-            p2 = tl.load(plane2 + offs, mask=ok, other=0).to(tl.float32)
-            h2 = tl.dot(p2, wx, h2, input_precision="ieee")
+            p = tl.load(plane + offs, mask=ok, other=0).to(tl.float32)
+            t = tl.dot(p, wx, t, input_precision="ieee")
         # the horizontal pass ends here for these rows: normalized and clamped to 0..255, as PIL's 8-bit image
-        acc0 = tl.dot(wy, _clamp255(h0 * inv_x[None, :]), acc0, input_precision="ieee")
-        acc1 = tl.dot(wy, _clamp255(h1 * inv_x[None, :]), acc1, input_precision="ieee")
-        acc2 = tl.dot(wy, _clamp255(h2 * inv_x[None, :]), acc2, input_precision="ieee")
+        acc = tl.dot(wy, _clamp255(t * inv_x[None, :]), acc, input_precision="ieee")
 
     ok = y_ok[:, None] & x_ok[None, :]
     inv_y = 1.0 / tl.where(y_ok, y_sum, 1.0)  # [BLOCK_Y] (rows past S: no 1/0)
-    dst = OUT + b * s_ob + ys[:, None].to(tl.int64) * s_oh + xs[None, :] * s_ow
-    out0 = _clamp255(acc0 * inv_y[:, None]) * scale0 + shift0
-    tl.store(dst, out0.to(OUT.dtype.element_ty), mask=ok)
-    out1 = _clamp255(acc1 * inv_y[:, None]) * scale1 + shift1
-    tl.store(dst + s_oc, out1.to(OUT.dtype.element_ty), mask=ok)
-    out2 = _clamp255(acc2 * inv_y[:, None]) * scale2 + shift2
-    tl.store(dst + 2 * s_oc, out2.to(OUT.dtype.element_ty), mask=ok)
+    scale = tl.where(c == 0, scale0, tl.where(c == 1, scale1, scale2))
+    shift = tl.where(c == 0, shift0, tl.where(c == 1, shift1, shift2))
+    out = _clamp255(acc * inv_y[:, None]) * scale + shift
+    dst = OUT + b * s_ob + c * s_oc + ys[:, None].to(tl.int64) * s_oh + xs[None, :] * s_ow
+    tl.store(dst, out.to(OUT.dtype.element_ty), mask=ok)
 
 
-# Tuning: 32×32 output tiles (7×7 per 224-px view) and 32×32 pixel blocks, 4 warps, from the shapes alone (no
+# Tuning: 32×32 output tiles (7×7 per 224-px view) and 32×32 pixel blocks, 8 warps, from the shapes alone (no
 # autotuning). For views shrunk more than 4× (photos of several megapixels) the band per tile passes 150 pixels
-# and 64×64 pixel blocks halve the trips through the loops; that config stays spill-free on sm_90 (make static).
+# and 64×64 pixel blocks halve the trips through the loops. One channel per program: with all three in one program
+# the FMA dots' operand fragments spilled (the dots hold whole K-slices in registers); per channel, sm_90 compiles
+# 127 and 203 registers without spills (benches/STATIC.md), at the price of evaluating the weights three times.
 TILE = 32
 BLOCK = {False: 32, True: 64}
 WIDE_SCALE = 4.0
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 def _check(images, boxes, flips, size, mean, std, dtype) -> tuple[list[list[int]], list[bool]]:
@@ -246,7 +235,7 @@ def _launch_fwd(images, rows: list[list[int]], flips: list[bool], size: int, mea
     scale = [1.0 / (255.0 * s) for s in std]
     shift = [-m / s for m, s in zip(mean, std)]
     tiles_x = triton.cdiv(size, TILE)
-    grid = (triton.cdiv(size, TILE) * tiles_x, len(images))
+    grid = (triton.cdiv(size, TILE) * tiles_x, len(images), 3)
     _fwd_kernel[grid](
         meta, out, size, tiles_x, *out.stride(), *scale, *shift,
         COLS=META_COLS, BLOCK_Y=TILE, BLOCK_X=TILE, BLOCK_R=BLOCK[wide], BLOCK_C=BLOCK[wide], num_warps=NUM_WARPS,
