@@ -34,8 +34,9 @@ loop sums each column's horizontal weights. Then for each ``BLOCK_R``-row block 
 along memory) and the horizontal weights ``Wx [BLOCK_C, BLOCK_X]``, ``T += P·Wx``; then ``acc += Wy·clamp(T / Σkx)``.
 The products are fp32 dots with ``input_precision="ieee"`` (CUDA-core FMAs: the integer pixels would be exact in
 16 bits, the weights not). The band matrices are dense, zero outside each output's window: about ``9×`` more
-multiply-adds than a sparse gather, traded for plain loads and dots; for ImageNet crops (scale 0.5 to 3) that is
-about half a millisecond per batch of 256 views at 224 px, next to tens of milliseconds of JPEG decoding.
+multiply-adds than a sparse gather, traded for plain loads and dots. For ImageNet crops (about 1.3× shrunk) that
+is about 7·10⁹ multiply-adds per batch of 256 views at 224 px by the tile counts (an estimate: the report's data
+section measures the kernel), small next to decoding the batch's JPEGs.
 
 Output layout: NCHW contiguous (``[B, 3, S, S]``, strides ``3S², S², S, 1``), not channels_last. The consumers read
 it as patches: the patch embedding (``kernels/patch_embed.py``) loads A tiles along ``r = c·P² + i·P + j`` with j
