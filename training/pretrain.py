@@ -395,7 +395,7 @@ def announce(run: Run, start: int) -> None:
     mode = "FSDP" if cfg.fsdp else "DDP" if run.net.ddp else "single process"
     print(
         f"fastmae pretrain: {cfg.model} ({run.data.img_size}px) on {env.world}×{env.device.type} ({mode}, "
-        f"{run.precision}); data: {source}, decoded on the {run.data.decode.upper()}; eff. batch {run.eff_batch}, "
+        f"{run.precision}); data: {source} (--decode {run.data.decode}); eff. batch {run.eff_batch}, "
         f"peak lr {run.peak_lr:.3g}, {run.steps_per_epoch} steps/epoch, steps {start}→{run.stop_step}"
         f"{f', resumed from {run.resume_path}' if run.resume_path else ''}; output {run.out}",
         flush=True,
