@@ -207,13 +207,14 @@ class ViewDecoder:
         views: the :class:`EncodedViews` the batch comes from (for its source, size, seed and bad-image policy).
         device: where the views go; on CUDA the JPEGs are decoded there, elsewhere by the CPU stand-in.
         dtype: the views' dtype (the model's input dtype: float32 under autocast, as the CPU path's).
-        impl: :func:`fastmae.ops.resized_crop`'s implementation choice.
+        impl: :func:`fastmae.ops.resized_crop`'s implementation choice (``$FASTMAE_IMPL`` overrides it, as for
+            the model's ops).
 
     ``gpu_decoded`` and ``pillow_decoded`` count the images each decoder made (for logs and benchmarks).
     """
 
     def __init__(self, views: EncodedViews, device: torch.device | str, dtype=torch.float32, impl: str = "auto"):
-        self.views, self.device, self.dtype, self.impl = views, torch.device(device), dtype, impl
+        self.views, self.device, self.dtype, self.impl = views, torch.device(device), dtype, ops.resolve_impl(impl)
         self.gpu_decoded = self.pillow_decoded = 0
 
     def decode_jpegs(self, files: list[torch.Tensor]) -> list[torch.Tensor | None]:
