@@ -21,8 +21,10 @@ Measured (``--decode cpu`` is the CPU path, ``--decode gpu`` the GPU path; READM
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -46,8 +48,9 @@ def describe_images() -> str:
 
 @functools.cache
 def image_folder() -> Path:
-    """The ImageFolder of re-encoded photos (made once per process, in a temporary folder)."""
+    """The ImageFolder of re-encoded photos (made once per process, in a temporary folder removed at exit)."""
     root = Path(tempfile.mkdtemp(prefix="fastmae-bench-data-"))
+    atexit.register(shutil.rmtree, root, True)
     source = data.EmbeddedImages()
     for i in range(len(source)):
         folder = root / "train" / source.names[i]
