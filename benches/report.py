@@ -24,12 +24,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 OP_SECTIONS = ("patch_embed", "attention", "masked_mse", "decoder_assembly")  # harness.OPS, in table order
-SECTIONS = ("ceilings", "checks", "step", *OP_SECTIONS)
+SECTIONS = ("ceilings", "checks", "step", *OP_SECTIONS, "data")  # data: the input path (benches/harness_data.py)
 MODEL_CHECK_BATCH = 4  # the model check's fp64 reference must fit
 RESULTS = ROOT / "BENCHMARKS.csv"
 ENV_KEYS = ("date", "card", "torch", "triton", "cuda", "driver", "fastmae_commit")
 ROW_KEYS = ("section", "model", "case", "mode", "provider", "ms", "tflops", "gbps", "pct_ceiling", "speedup_vs_eager")
 ROW_KEYS += ("speedup_vs_compile", "speedup_vs_best_sdpa", "images_per_s", "mfu", "peak_mib", "status")
+ROW_KEYS += ("worker_share", "loader_over_step", "step_share")
+LOWER_IS_BETTER = ("peak_ratio", "worker_share")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Target:
     threshold: float
     models: tuple[str, ...] = ()  # empty: every model measured
     note: str = ""
+    mode: str = ""  # the row's mode (default: fwd+bwd, or step for the step)
+    provider: str = ""  # the row's provider (default: triton, or the faster of triton and triton+compile)
 
     def describe(self) -> str:
         x = self.threshold
@@ -51,8 +55,11 @@ class Target:
             "pct_copy": f"≥ {x:.0%} of copy bandwidth",
             "peak_ratio": f"peak memory ≤ {x:g}× eager",
             "mfu": f"MFU ≥ {x:.0%}",
+            "loader_over_step": f"≥ {x:g}× the training step's images/s",
+            "worker_share": f"worker time per image ≤ {x:.0%} of the CPU path's",
         }[self.metric]
-        where = "training step" if self.section == "step" else f"{self.section} fwd+bwd"
+        where = {"step": "training step", "data": f"input, {self.provider} path"}.get(self.section)
+        where = where or f"{self.section} fwd+bwd"
         return f"{where}: {what}" + (f" ({self.note})" if self.note else "")
 
 
@@ -68,6 +75,8 @@ TARGETS = (
     Target("step", "peak_ratio", 0.75, ("vit_b16",)),
     Target("step", "mfu", 0.45, ("vit_b16",)),
     Target("step", "mfu", 0.55, ("vit_l16",)),
+    Target("data", "loader_over_step", 2.0, ("vit_b16",), "its workers and decode+crop", "loader", "gpu"),
+    Target("data", "worker_share", 0.05, ("vit_b16",), mode="gpu worker", provider="gpu"),
 )
 
 
@@ -101,8 +110,8 @@ def evaluate_targets(rows: list[dict], checks: list[dict], dry_run: bool) -> lis
     failed = {c["op"] for c in checks if c.get("status") == "FAIL"}
     out = []
     for t in TARGETS:
-        mine = ("triton", "triton+compile") if t.section == "step" else ("triton",)
-        mode = "step" if t.section == "step" else "fwd+bwd"
+        mine = (t.provider,) if t.provider else ("triton", "triton+compile") if t.section == "step" else ("triton",)
+        mode = t.mode or ("step" if t.section == "step" else "fwd+bwd")
         measured = [r for r in rows if (r["section"], r["mode"]) == (t.section, mode)]
         measured = [r for r in measured if dry_run or not t.models or r["model"] in t.models]
         groups = _groups(measured, lambda r: (r["model"], r.get("stage", "")))
@@ -114,7 +123,8 @@ def evaluate_targets(rows: list[dict], checks: list[dict], dry_run: bool) -> lis
             if t.metric == "peak_ratio" and _ok(row):
                 eager = next((r for r in group if r["provider"] == "eager" and _ok(r)), {})
                 value = row["peak_mib"] / eager["peak_mib"] if row.get("peak_mib") and eager.get("peak_mib") else None
-            ratio = None if value is None else t.threshold / value if t.metric == "peak_ratio" else value / t.threshold
+            lower = t.metric in LOWER_IS_BETTER
+            ratio = None if not value else t.threshold / value if lower else value / t.threshold
             status = "not measured" if ratio is None else "met" if ratio >= 1 else "missed"
             if ("model" if t.section == "step" else t.section) in failed:
                 status = "invalid (correctness check failed)"
@@ -192,6 +202,28 @@ class Run:
 
         self.rows.append(self.guarded(row, run))
 
+    def data(self, shape) -> None:
+        """The input path's rows (benches/harness_data.py), against ``shape``'s training step of this run."""
+        from benches import harness_data as hd
+
+        dry, size = self.args.dry_run, shape.cfg.img_size
+        count, batch = (16, 8) if dry else (256, hd.GPU_BATCH)
+        rows = []
+        for mode, fn in (
+            ("cpu worker", lambda: hd.worker_row("cpu", size, count, rounds=1 if dry else 3)),
+            ("gpu worker", lambda: hd.worker_row("gpu", size, count, rounds=1 if dry else 3)),
+            ("decode+crop", lambda: hd.decode_crop_row(size, self.device, batch)),
+        ):
+            provider = mode.split()[0] if "worker" in mode else "gpu"
+            row = {"section": "data", "model": shape.name, "stage": "", "mode": mode, "provider": provider}
+            rows.append(self.guarded(row, fn))
+        steps = [r for r in self.rows if (r["section"], r["model"]) == ("step", shape.name) and _ok(r)]
+        steps = [r for r in steps if r["provider"].startswith("triton")] or steps
+        step = min(steps, key=lambda r: r["ms"], default=None)
+        base = {"section": "data", "model": shape.name, "stage": "", "status": "ok"}
+        self.rows += rows + [base | r for r in hd.loader_rows(rows, step, hd.workers_available(), batch)]
+        self.save()
+
     def report(self) -> dict:
         add_speedups(self.rows)
         return {
@@ -253,9 +285,10 @@ def _cell(key: str, row: dict) -> str:
         return text if len(text) <= 90 else text[:89] + "…"
     if v is None:
         return ""
-    if key.startswith("speedup") or key == "value" and row["metric"].startswith(("speedup", "peak")):
+    ratios = ("speedup", "peak", "loader_over_step")
+    if key.startswith("speedup") or key == "loader_over_step" or key == "value" and row["metric"].startswith(ratios):
         return f"{v:.2f}×"
-    if key.startswith("pct") or key in ("mfu", "value", "margin"):
+    if key.startswith("pct") or key in ("mfu", "value", "margin", "worker_share", "step_share"):
         return f"{100 * v:+.0f}%" if key == "margin" else f"{100 * v:.1f}%"
     if isinstance(v, float):
         return f"{v:.0f}" if key in ("gbps", "images_per_s") or key.endswith("mib") else f"{v:.3g}"
@@ -300,6 +333,11 @@ def markdown(report: dict) -> str:
                 else op.format(", × best SDPA=speedup_vs_best_sdpa" * (section == "attention"))
             )
             out += ["", f"### {section}", ""] + _table(cols, rows)
+    if rows := [r for r in report["results"] if r["section"] == "data"]:
+        cols = "mode, provider, case, ms, img/s=images_per_s, worker share=worker_share, decode ms=decode_ms"
+        cols += ", kernel ms=kernel_ms, loader ÷ step=loader_over_step, share of step=step_share, status"
+        out += ["", "### data (the input path; ms: per image for a worker, per batch for decode+crop and loader)", ""]
+        out += _table(cols, rows)
     out += ["", "### Targets (H100, bf16, same run)", ""]
     out += _table("target, model, case, fastmae provider=provider, value, margin, result=status", report["targets"])
     return "\n".join(out) + "\n"
@@ -350,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                     run.check(op, shape, stage, norm_pix)
     if "checks" in sections:
         run.check("model", dataclasses.replace(run.models[0], batch=min(run.models[0].batch, MODEL_CHECK_BATCH)))
-    for shape in run.models:  # model by model: a deadline cuts the largest last
+    for i, shape in enumerate(run.models):  # model by model: a deadline cuts the largest last
+        if i == 1 and "data" in sections:  # the input path against the first model's step
+            run.data(run.models[0])
         for section in [s for s in ("step", *OP_SECTIONS) if s in sections]:
             spec = harness.OPS.get(section)
             stages, providers = (spec.stages, spec.providers) if spec else (("",), harness.STEP_PROVIDERS)
@@ -359,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                 for provider in sorted(providers, key=lambda p: "compile" in p):  # compiles last
                     for mode in ("step",) if section == "step" else ("fwd+bwd", "fwd"):
                         run.measure(section, shape, stage, mode, provider, labels)
+    if len(run.models) == 1 and "data" in sections:
+        run.data(run.models[0])
     report = run.save()
     md = markdown(report)
     if args.markdown:

@@ -108,15 +108,43 @@ def read_image(path: str | Path) -> Image.Image:
     """
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()  # decode now, inside the try: Image.open only reads the header
-        if img.mode.startswith("I;16") or img.mode == "I":
-            arr = np.asarray(img).astype(np.float64)  # [H, W], 0..65535
-            img = Image.fromarray((arr / 257).round().clip(0, 255).astype(np.uint8))  # mode L
-        return img.convert("RGB")
+            return _decode(f)
     except DECODE_ERRORS as e:
-        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        raise BadImageError(f"cannot read image {str(path)!r}: {reason}", str(path), reason) from e
+        raise bad_image_error(path, e) from e
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """:func:`read_image` of a file's bytes (``name`` for the message)."""
+    try:
+        return _decode(NamedBytes(data, name))
+    except DECODE_ERRORS as e:
+        raise bad_image_error(name, e) from e
+
+
+class NamedBytes(io.BytesIO):
+    """A file's bytes in memory that Pillow's messages call by the file's name."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
+def _decode(f) -> Image.Image:
+    img = Image.open(f)
+    img.load()  # decode now, inside the caller's try: Image.open only reads the header
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.float64)  # [H, W], 0..65535
+        img = Image.fromarray((arr / 257).round().clip(0, 255).astype(np.uint8))  # mode L
+    return img.convert("RGB")
+
+
+def bad_image_error(path, e: BaseException) -> BadImageError:
+    """The :class:`BadImageError` for file ``path`` that failed with ``e``."""
+    reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return BadImageError(f"cannot read image {str(path)!r}: {reason}", str(path), reason)
 
 
 class EmbeddedImages:
@@ -125,16 +153,21 @@ class EmbeddedImages:
     def __init__(self):
         root = resources.files("fastmae.assets")
         self.names = list(EMBEDDED_NAMES)
-        self.images = []
-        for name in self.names:
-            data = (root / f"{name}.jpg").read_bytes()
-            self.images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+        self.files = [(root / f"{name}.jpg").read_bytes() for name in self.names]
+        self.images = [Image.open(io.BytesIO(data)).convert("RGB") for data in self.files]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def load(self, i: int) -> Image.Image:
         return self.images[i]
+
+    def path(self, i: int) -> str:
+        return f"{self.names[i]}.jpg"
+
+    def read_bytes(self, i: int) -> bytes:
+        """The encoded file of image ``i``."""
+        return self.files[i]
 
 
 class FolderImages:
@@ -168,23 +201,36 @@ class FolderImages:
         """Image ``i`` as RGB; raises :class:`BadImageError` when its file cannot be decoded."""
         return read_image(self.paths[i])
 
+    def path(self, i: int) -> str:
+        return self.paths[i]
 
-def load_readable(source, index: int, bad_images: str = "skip") -> tuple[Image.Image, list[BadImage]]:
+    def read_bytes(self, i: int) -> bytes:
+        """The bytes of image ``i``'s file; raises :class:`BadImageError` when it cannot be read."""
+        try:
+            with open(self.paths[i], "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise bad_image_error(self.paths[i], e) from e
+
+
+def load_readable(source, index: int, bad_images: str = "skip", load: Callable | None = None) -> tuple:
     """Image ``index`` of ``source``, or with ``bad_images="skip"`` the first readable one after it (wrapping
-    around), and the images skipped on the way.
+    around), and the images skipped on the way: ``(load(i), skipped)``.
 
     Args:
         source: an object with ``__len__`` and ``load(i)``, which raises :class:`BadImageError` on a bad file.
         index: in ``[0, len(source))``.
         bad_images: ``"skip"`` or ``"error"`` (re-raise the first :class:`BadImageError`).
+        load: what reads image i instead of ``source.load`` (it raises :class:`BadImageError` the same way).
     """
+    load = source.load if load is None else load
     if bad_images not in BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
     skipped = []
     for k in range(len(source)):
         i = (index + k) % len(source)
         try:
-            return source.load(i), skipped
+            return load(i), skipped
         except BadImageError as e:
             if bad_images == "error":
                 raise
@@ -297,15 +343,16 @@ class RandomViews(Dataset):
 
 
 class _Samples(Dataset):
-    """The loader's view of a :class:`RandomViews`: each item is ``(view, skipped images)``."""
+    """The loader's view of a :class:`RandomViews` (each item ``(view, skipped images)``), or of any dataset with
+    ``sample(epoch, index)``."""
 
-    def __init__(self, views: RandomViews):
+    def __init__(self, views):
         self.views = views
 
     def __len__(self) -> int:
         return len(self.views)
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, list[BadImage]]:
+    def __getitem__(self, key):
         return self.views.sample(*key)
 
 
@@ -377,23 +424,25 @@ def build_loader(
     num_workers: int,
     pin_memory: bool,
     seed: int = 0,
+    collate_fn: Callable = collate_views,
 ) -> DataLoader:
     """A loader over ``sampler``'s keys with full batches only (``drop_last``, as the original); it yields
-    :class:`ViewBatch` es.
+    :class:`ViewBatch` es (or what ``collate_fn`` makes).
 
     Args:
-        dataset: a :class:`RandomViews`.
+        dataset: a :class:`RandomViews` (or any dataset with ``sample(epoch, index)``).
         sampler: its sampler (call ``set_epoch`` before each ``iter``).
         batch_size: images per batch.
         num_workers: loader processes (0: load in the main process).
         pin_memory: page-locked batches for faster host→GPU copies.
         seed: seeds the loader's own generator, so creating an iterator leaves the global RNG untouched.
+        collate_fn: makes a batch of ``dataset.sample`` results.
     """
     return DataLoader(
         _Samples(dataset),
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=collate_views,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=True,

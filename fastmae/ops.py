@@ -37,6 +37,7 @@ KERNELS: dict[str, tuple[str, str]] = {
     "decoder_assembly": ("fastmae.kernels.decoder_assembly", "decoder_assemble"),
     "layer_norm": ("fastmae.kernels.layer_norm", "layer_norm"),
     "gelu": ("fastmae.kernels.gelu", "gelu"),
+    "resized_crop": ("fastmae.kernels.resized_crop", "resized_crop"),
 }
 
 
@@ -192,3 +193,12 @@ def gelu(impl: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
     """See :func:`fastmae.reference.gelu`; the kernel returns x's dtype."""
     fn = triton_kernel("gelu") if use_triton(impl, "gelu", x, bias) else reference.gelu
     return fn(x, bias)
+
+
+def resized_crop(impl: str, images, boxes, flips, size: int, mean, std, dtype=torch.float32) -> torch.Tensor:
+    """See :func:`fastmae.reference.resized_crop`: the input path's views of decoded uint8 images (the kernel
+    for images on CUDA under ``"auto"``)."""
+    probe = images[0] if len(images) else boxes
+    use = use_triton(impl, "resized_crop", probe)
+    fn = triton_kernel("resized_crop") if use else reference.resized_crop
+    return fn(images, boxes, flips, size, mean, std, dtype)

@@ -27,6 +27,7 @@ __all__ = [
     "masked_mse_loss",
     "patch_embed_visible",
     "patchify",
+    "resized_crop",
     "unpatchify",
 ]
 
@@ -204,6 +205,48 @@ def decoder_assemble(
     x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))  # [N, L, Dd] unshuffled
     x = torch.cat([x[:, :1, :], x_], dim=1)  # [N, 1+L, Dd]
     return x + pos_embed
+
+
+def resized_crop(
+    images,
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    size: int,
+    mean,
+    std,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """One view of each decoded image: crop, bicubic resize (antialiased when shrinking), flip, normalize.
+
+    Args:
+        images: a sequence of B uint8 tensors ``[3, H_b, W_b]`` (any strides), on one device.
+        boxes: ``[B, 4]`` integer ``(top, left, height, width)`` of each crop, inside its image (read on the host).
+        flips: ``[B]`` bool: flip that view left-right.
+        size: the side S of the square views.
+        mean, std: three values each, the per-channel normalization on the 0..1 scale.
+        dtype: the output dtype; float64 also computes in float64 (the tests' reference), any other in float32.
+
+    Returns:
+        ``[B, 3, S, S]``: ``(v / 255 − mean) / std``, flipped left-right where asked, with ``v`` PIL's bicubic
+        resample of the crop (a = −0.5, its support widened by the scale factor when shrinking: torchvision's
+        ``antialias=True`` filter) in PIL's two passes, horizontal then vertical, each clamped to 0..255 as PIL's
+        8-bit images are, but not rounded to integers.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    device = images[0].device if len(images) else boxes.device
+    views = []
+    for img, (top, left, h, w), flip in zip(images, boxes.tolist(), flips.tolist()):
+        v = img[:, top : top + h, left : left + w].to(compute)  # [3, h, w]
+        v = TF.resize(v, [h, size], InterpolationMode.BICUBIC, antialias=True).clamp(0, 255)  # [3, h, S]
+        v = TF.resize(v, [size, size], InterpolationMode.BICUBIC, antialias=True).clamp(0, 255)  # [3, S, S]
+        views.append(v.flip(-1) if flip else v)
+    x = torch.stack(views) if views else torch.empty(0, 3, size, size, dtype=compute, device=device)  # [B, 3, S, S]
+    m = torch.tensor(mean, dtype=compute, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=compute, device=device).view(1, 3, 1, 1)
+    return ((x / 255 - m) / s).to(dtype)
 
 
 class MaskedAutoencoderViT(nn.Module):

@@ -12,4 +12,6 @@ the eager op in :mod:`fastmae.reference`. Nothing here imports fastmae's model c
 - ``decoder_assembly.decoder_assemble``: visible tokens + mask tokens, unshuffled, + positions, in one pass.
 - ``layer_norm.layer_norm``: LayerNorm fused with the residual add before it, output in the next GEMM's dtype.
 - ``gelu.gelu``: exact GELU, optionally of ``x + bias`` (fc1's bias), one read and one write each way.
+- ``resized_crop.resized_crop``: the input views of a batch of decoded images of any sizes (crop, antialiased
+  bicubic resize, flip, normalize) in one launch.
 """

@@ -12,14 +12,16 @@ argument values is restated here. What this module states is how MAE calls the o
   ``qkv``, ``decoder_embed(x)`` and ``decoder_pred(x)`` are bf16, the patch-embedding and decoder-input outputs fp32
   because the positional tables are fp32, so are their gradients); ``bf16``, a bf16 model without autocast
   (everything bf16). Attention sees bf16 ``qkv`` in both, so it is captured once per model.
-* ``norm_pix_loss=True`` (the paper's recipe) for the loss, on both its full-prediction and masked-rows paths.
+* ``norm_pix_loss=True`` (the paper's recipe) for the loss, on both its full-prediction and masked-rows paths;
+* the input views of the GPU data path (``--decode gpu``): 256 views at the model's size, written in the model's
+  input dtype (fp32 under autocast, bf16 for a bf16 model), of ImageNet-sized and of 12-megapixel photos.
 
 Ops whose public function refuses CPU tensors are called through their autograd Function (patch embedding, with
 the compute dtype the public function derives from autocast; attention, whose public wrapper only validates and
-makes ``qkv`` contiguous); the loss runs inside ``poison_outputs`` because its forward reads the (never computed)
-weight sum back on the CPU. Launches that MAE never makes but that the ops make for other callers (``imgs``
-requiring grad: the patch embedding's image gradient; a learned decoder ``pos_embed``) are captured too, tagged
-``unused="unused in MAE"``.
+makes ``qkv`` contiguous) or their launcher (the views); the loss runs inside ``poison_outputs`` because its
+forward reads the (never computed) weight sum back on the CPU. Launches that MAE never makes but that the ops make
+for other callers (``imgs`` requiring grad: the patch embedding's image gradient; a learned decoder ``pos_embed``)
+are captured too, tagged ``unused="unused in MAE"``.
 """
 
 from __future__ import annotations
@@ -109,6 +111,25 @@ def _decoder_input(cfg, masking, mode: str, pos_grad: bool = False) -> None:
     _backward(decoder_assemble(x, masking.ids_restore, token, pos), x, token, pos)
 
 
+# The input views: a batch of ImageNet-sized photos (the usual pixel blocks) and one of 12-MP photos (shrunk more
+# than 4×: the wide pixel blocks), each cropped whole.
+VIEW_SOURCES = {"500x375": (375, 500), "4000x3000": (3000, 4000)}
+
+
+def _views(cfg, mode: str, source: str, device) -> None:
+    import torch
+    from fastmae.kernels import resized_crop as rc
+
+    from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
+
+    h, w = VIEW_SOURCES[source]
+    image = torch.empty(3, h, w, dtype=torch.uint8, device=device)  # decoded [3, H, W], read by every view
+    flips = [i % 2 == 1 for i in range(BATCH)]
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32  # the model's input dtype (fp32 under autocast)
+    # the launcher itself: the public function refuses CPU tensors outside the interpreter
+    rc._launch_fwd([image] * BATCH, [[0, 0, h, w]] * BATCH, flips, cfg.img_size, IMAGENET_MEAN, IMAGENET_STD, dtype)
+
+
 def run_mae(rec, models: list[str] | None = None, device: str = "cpu") -> None:
     """Make every launch of an MAE step for ``models`` (keys of MODELS) on ``device``, tagging them on ``rec`` (a
     :class:`tests.compile_harness.LaunchRecorder`) with ``op``, ``model``, ``mode`` (and ``seq``, ``unused``).
@@ -136,6 +157,9 @@ def run_mae(rec, models: list[str] | None = None, device: str = "cpu") -> None:
                         _loss(cfg, masking, mode, rows=True)
                     with rec.tagged(op="decoder_assembly"):
                         _decoder_input(cfg, masking, mode)
+                    for source in VIEW_SOURCES:
+                        with rec.tagged(op="resized_crop", seq=source):
+                            _views(cfg, mode, source, masking.mask.device)
             with rec.tagged(mode="bf16/amp"):
                 with rec.tagged(op="attention", seq="enc"):
                     _attention(1 + kept, cfg.embed_dim, cfg.num_heads, device)

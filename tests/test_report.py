@@ -263,6 +263,35 @@ def test_speedups_and_targets_arithmetic():
     assert {t["status"] for t in invalid if t["section"] == "patch_embed"} == {"invalid (correctness check failed)"}
 
 
+def test_data_section_runs_and_its_arithmetic(dry_run):
+    from benches import harness_data
+
+    rep, _, md, _ = dry_run
+    rows = {(r["mode"], r["provider"]): r for r in rep["results"] if r["section"] == "data"}
+    assert set(rows) == {("cpu worker", "cpu"), ("gpu worker", "gpu"), ("decode+crop", "gpu"), ("loader", "cpu"),
+                         ("loader", "gpu")}  # fmt: skip
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["images_per_s"] > 0 for r in rows.values())
+    gpu_worker = rows[("gpu worker", "gpu")]
+    assert gpu_worker["worker_share"] == pytest.approx(gpu_worker["ms"] / rows[("cpu worker", "cpu")]["ms"])
+    assert "### data" in md
+    fake = [
+        {"mode": "cpu worker", "provider": "cpu", "ms": 4.0, "images_per_s": 250.0},
+        {"mode": "gpu worker", "provider": "gpu", "ms": 0.1, "images_per_s": 10000.0},
+        {"mode": "decode+crop", "provider": "gpu", "ms": 20.0, "images_per_s": 256 / 0.02},
+    ]
+    step = {"images_per_s": 5120.0}  # 50 ms per batch of 256
+    loader = {r["provider"]: r for r in harness_data.loader_rows(fake, step, 16, 256)}
+    assert fake[1]["worker_share"] == pytest.approx(0.025)
+    assert loader["cpu"]["images_per_s"] == 4000 and loader["cpu"]["loader_over_step"] == pytest.approx(4000 / 5120)
+    assert loader["gpu"]["images_per_s"] == pytest.approx(12800)  # capped by decode+crop, not 16 × 10000
+    assert loader["gpu"]["loader_over_step"] == pytest.approx(2.5) and loader["gpu"]["step_share"] == pytest.approx(0.4)
+    rows = [{"section": "data", "model": "vit_b16", "case": "", "status": "ok", **r} for r in fake]
+    rows += [{"section": "data", "model": "vit_b16", "case": "", "status": "ok", **r} for r in loader.values()]
+    got = {t["metric"]: t for t in report.evaluate_targets(rows, [], dry_run=False) if t["section"] == "data"}
+    assert got["loader_over_step"]["status"] == "met" and got["loader_over_step"]["margin"] == pytest.approx(0.25)
+    assert got["worker_share"]["status"] == "met" and got["worker_share"]["margin"] == pytest.approx(1.0)
+
+
 def test_step_flops_match_torch_flop_counter():
     """The model-FLOP count equals PyTorch's FLOP counter on the reference model (whose conv embeds all L patches,
     where the count takes the K visible ones)."""

@@ -32,6 +32,7 @@ KNOWN_SPILLS = {
 
 _IMG14 = "P=14: a patch row is 28 B of the 448-B image row"
 _IDS_R = "ids_restore rows gathered at t-1"
+_TABLE = "uint8 pixels at addresses read from the image table: any width, any alignment"
 KNOWN_NARROW = {
     "patch_embed.bwd_reduce_kernel[vit_b16+vit_l16+vit_h14,bf16,w4s3]": "G (dout): 8-B loads in the dcls loop",
     "patch_embed.fwd_kernel[vit_h14,bf16,w8s3]": f"IMG: 2-B loads ({_IMG14})",
@@ -64,6 +65,11 @@ KNOWN_NARROW = {
     "decoder_assembly.assemble_bwd[vit_h14,bf16,w4s3]": f"IDS: 8-B loads ({_IDS_R})",
     "decoder_assembly.assemble_fwd[vit_h14,amp,w4s3]": f"IDS: 8-B loads ({_IDS_R}); TOK: 4-B loads",
     "decoder_assembly.assemble_bwd[vit_h14,amp,w4s3]": f"IDS: 8-B loads ({_IDS_R})",
+    **{
+        f"resized_crop.fwd_kernel[vit_b16+vit_l16+vit_h14,{mode},{src},w8s3]": f"?: 1-B loads ({_TABLE})"
+        for mode in ("bf16", "amp")
+        for src in ("500x375", "4000x3000")
+    },
 }
 
 

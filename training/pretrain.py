@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 import fastmae
 from fastmae import checkpoint as ckpt_io
-from fastmae import data, distributed, schedule, visualize
+from fastmae import data, distributed, pipeline, schedule, visualize
 from fastmae.cli import ORIGINAL_PRETRAIN_FLAGS, option, parse_config
 from fastmae.distributed import Dist
 from fastmae.model import encoder_state
@@ -73,6 +73,7 @@ class TrainConfig:
     bad_images: str = option(
         "skip", "an unreadable image: skip = log it, use the next; error = stop", ("skip", "error")
     )
+    decode: str = option("auto", "JPEG decode and crop: cpu = loader workers; gpu (auto on CUDA)", pipeline.DECODES)
     batch_size: int = option(64, "images per process per micro-step")
     accum_iter: int = option(1, "micro-steps accumulated per optimizer step")
     epochs: int = option(400, "length of the schedule in epochs")
@@ -219,32 +220,21 @@ def train(cfg: TrainConfig) -> RunResult:
             dist.destroy_process_group()
 
 
-@dataclass
-class Data:
-    """The images and how they are served: rank r reads its DistributedSampler share, its views use seed + r."""
-
-    source: data.EmbeddedImages | data.FolderImages
-    dataset: data.RandomViews
-    sampler: data.ResumableDistributedSampler
-    loader: torch.utils.data.DataLoader
-    img_size: int
-
-
-def build_data(cfg: TrainConfig, env: Dist) -> Data:
+def build_data(cfg: TrainConfig, env: Dist) -> pipeline.Pipeline:
     try:
         source = data.open_source(cfg.data_path)
     except ValueError as e:
         raise ConfigError(f"--data-path: {e}") from e
     img_size = cfg.input_size or fastmae.get_config(cfg.model).img_size
     length = cfg.views_per_epoch if cfg.data_path is None else None
-    dataset = data.RandomViews(source, img_size, cfg.seed + env.rank, length, cfg.bad_images)
-    sampler = data.ResumableDistributedSampler(dataset, env.world, env.rank, seed=cfg.seed)
     workers = cfg.num_workers if cfg.num_workers >= 0 else distributed.default_num_workers(env.device)
-    pin = cfg.pin_mem and env.device.type == "cuda"
-    loader = data.build_loader(dataset, sampler, cfg.batch_size, workers, pin, seed=cfg.seed + env.rank)
+    parts = pipeline.build_pipeline(source, img_size, decode=cfg.decode, device=env.device, seed=cfg.seed,
+                                    rank=env.rank, world=env.world, length=length, bad_images=cfg.bad_images,
+                                    batch_size=cfg.batch_size, num_workers=workers, pin_memory=cfg.pin_mem,
+                                    impl=cfg.impl)  # fmt: skip
     if env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # leave the loader workers their cores
         torch.set_num_threads(max(1, distributed.cpus_per_rank() - workers))
-    return Data(source, dataset, sampler, loader, img_size)
+    return parts
 
 
 @dataclass
@@ -299,7 +289,7 @@ class Run:
     cfg: TrainConfig
     env: Dist
     out: Path
-    data: Data
+    data: pipeline.Pipeline
     net: Model
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler
@@ -400,13 +390,13 @@ def announce(run: Run, start: int) -> None:
         return
     source = data.describe(run.data.source)
     resolved = dict(eff_batch=run.eff_batch, peak_lr=run.peak_lr, total_steps=cfg.epochs * run.steps_per_epoch)
-    resolved.update(run.layout, precision=run.precision, device=str(env.device), data=source)
+    resolved.update(run.layout, precision=run.precision, device=str(env.device), data=source, decode=run.data.decode)
     (run.out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **resolved}, indent=2))
     mode = "FSDP" if cfg.fsdp else "DDP" if run.net.ddp else "single process"
     print(
         f"fastmae pretrain: {cfg.model} ({run.data.img_size}px) on {env.world}×{env.device.type} ({mode}, "
-        f"{run.precision}); data: {source}; eff. batch {run.eff_batch}, peak lr {run.peak_lr:.3g}, "
-        f"{run.steps_per_epoch} steps/epoch, steps {start}→{run.stop_step}"
+        f"{run.precision}); data: {source} (--decode {run.data.decode}); eff. batch {run.eff_batch}, "
+        f"peak lr {run.peak_lr:.3g}, {run.steps_per_epoch} steps/epoch, steps {start}→{run.stop_step}"
         f"{f', resumed from {run.resume_path}' if run.resume_path else ''}; output {run.out}",
         flush=True,
     )
@@ -432,7 +422,7 @@ def batches(run: Run, start: int) -> Iterator[tuple[int, list[data.ViewBatch]]]:
         run.data.sampler.set_epoch(epoch, start=in_epoch * cfg.accum_iter * cfg.batch_size)
         loader, end = iter(run.data.loader), min(run.stop_step, (epoch + 1) * spe)
         for i in range(step, end):
-            yield i, [next(loader) for _ in range(cfg.accum_iter)]
+            yield i, [run.data.finish(next(loader)) for _ in range(cfg.accum_iter)]
         step = end
         del loader
 
