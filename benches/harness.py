@@ -445,7 +445,6 @@ def check_op(op: str, case: Case, fn: Callable, dtype: torch.dtype) -> dict:
     """``fn``'s output and every gradient against the eager op, with outputs NaN-poisoned before launch, by
     tests/tolerance.py's rule: ``max|fn − eager_fp64| ≤ 2·max|eager_low − eager_fp64| + atol(dtype)``."""
     from fastmae.kernels._common import poison_outputs
-
     from tests.tolerance import ATOL, max_err
 
     def outputs(f, args, grad_out):

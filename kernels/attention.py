@@ -91,6 +91,9 @@ from collections.abc import Iterator
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+
 from fastmae.kernels._attention_tiles import (
     dkdv_step,
     dq_step,
@@ -101,8 +104,6 @@ from fastmae.kernels._attention_tiles import (
     store_tile,
 )
 from fastmae.kernels._common import check_float, empty, interpreting, unsupported_float
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
 
 LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_same_device, empty, unsupported_float
+from fastmae.kernels._common import check_float, check_same_device, empty, unsupported_float
 
 __all__ = ["decoder_assemble", "unsupported"]
 

@@ -43,9 +43,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import check_float, check_same_device, empty, interpreting, unsupported_float
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
+
+from fastmae.kernels._common import check_float, check_same_device, empty, interpreting, unsupported_float
 
 SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))

@@ -50,9 +50,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import FLOAT_DTYPES, check_float, check_same_device, empty, interpreting, unsupported_float
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
+
+from fastmae.kernels._common import FLOAT_DTYPES, check_float, check_same_device, empty, interpreting, unsupported_float
 
 MAX_D = 8192
 

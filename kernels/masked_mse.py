@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_same_device, empty, unsupported_float
+from fastmae.kernels._common import check_float, check_same_device, empty, unsupported_float
 
 __all__ = ["check_mask_errors", "masked_mse_loss", "masked_mse_loss_rows", "unsupported"]
 

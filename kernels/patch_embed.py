@@ -57,6 +57,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastmae.kernels._common import check_float, check_same_device, empty, interpreting, unsupported_float
 
 # Compute dtype codes passed to the kernels as the constexpr CT.

@@ -48,6 +48,7 @@ def _backward(out, *inputs) -> None:
 
 def _patch_embed(cfg, masking, mode: str, img_grad: bool = False) -> None:
     import torch
+
     from fastmae.kernels import patch_embed as pe
 
     dt = torch.bfloat16 if mode == "bf16" else torch.float32
@@ -65,6 +66,7 @@ def _patch_embed(cfg, masking, mode: str, img_grad: bool = False) -> None:
 
 def _attention(tokens: int, dim: int, heads: int, device) -> None:
     import torch
+
     from fastmae.kernels import attention as attn
 
     qkv = _empty(
@@ -76,6 +78,7 @@ def _attention(tokens: int, dim: int, heads: int, device) -> None:
 
 def _loss(cfg, masking, mode: str, rows: bool) -> None:
     import torch
+
     from fastmae.kernels import masked_mse as mm
     from fastmae.kernels._common import poison_outputs
 
@@ -98,6 +101,7 @@ def _loss(cfg, masking, mode: str, rows: bool) -> None:
 
 def _decoder_input(cfg, masking, mode: str, pos_grad: bool = False) -> None:
     import torch
+
     from fastmae.kernels.decoder_assembly import decoder_assemble
 
     pt = torch.bfloat16 if mode == "bf16" else torch.float32

@@ -15,10 +15,10 @@ import sys
 
 import pytest
 import torch
-from fastmae.kernels import attention as attn
-from fastmae.kernels._common import poison_outputs
 
 from fastmae import reference
+from fastmae.kernels import attention as attn
+from fastmae.kernels._common import poison_outputs
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error
 

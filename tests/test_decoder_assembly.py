@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from fastmae.kernels._common import poison_outputs
-from fastmae.kernels.decoder_assembly import _tile, decoder_assemble
 
 from fastmae import reference
+from fastmae.kernels._common import poison_outputs
+from fastmae.kernels.decoder_assembly import _tile, decoder_assemble
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error, atol_for
 

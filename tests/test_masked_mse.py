@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from fastmae.kernels._common import poison_outputs
-from fastmae.kernels.masked_mse import _tile, check_mask_errors, masked_mse_loss, masked_mse_loss_rows
 
 from fastmae import reference
+from fastmae.kernels._common import poison_outputs
+from fastmae.kernels.masked_mse import _tile, check_mask_errors, masked_mse_loss, masked_mse_loss_rows
 from fastmae.masking import random_masking
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error, atol_for

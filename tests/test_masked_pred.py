@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from fastmae.kernels.decoder_assembly import decoder_assemble
-from fastmae.kernels.masked_mse import masked_mse_loss
 
 import fastmae
 from fastmae import ops
+from fastmae.kernels.decoder_assembly import decoder_assemble
+from fastmae.kernels.masked_mse import masked_mse_loss
 
 
 def pair(norm_pix):

@@ -5,11 +5,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from fastmae.kernels import patch_embed as pe
-from fastmae.kernels._common import poison_outputs
 
 import fastmae
 from fastmae import ops, reference
+from fastmae.kernels import patch_embed as pe
+from fastmae.kernels._common import poison_outputs
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error
 
