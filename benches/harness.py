@@ -184,10 +184,10 @@ class Op:
 
 # The one place an op's name meets its functions (the kernel: fastmae.ops.KERNELS[name]).
 OPS = {
-    "patch_embed": Op(reference.patch_embed_visible, _patch_embed),
+    "patch_embed": Op(reference.patch_embed, _patch_embed),
     "attention": Op(reference.attention, _attention, ("encoder", "decoder"), ("eager", "compile", "triton", *SDPA)),
-    "masked_mse": Op(reference.masked_mse_loss, _masked_mse),
-    "decoder_assembly": Op(reference.decoder_assemble, _decoder_assembly),
+    "masked_mse": Op(reference.masked_mse, _masked_mse),
+    "decoder_assembly": Op(reference.decoder_assembly, _decoder_assembly),
 }
 
 

@@ -30,11 +30,11 @@ ENV_VAR = "FASTMAE_IMPL"
 
 # op name -> (module, function) of its Triton kernel; the function takes the eager op's arguments.
 KERNELS: dict[str, tuple[str, str]] = {
-    "patch_embed": ("fastmae.kernels.patch_embed", "patch_embed_visible"),
+    "patch_embed": ("fastmae.kernels.patch_embed", "patch_embed"),
     "attention": ("fastmae.kernels.attention", "attention"),
-    "masked_mse": ("fastmae.kernels.masked_mse", "masked_mse_loss"),
+    "masked_mse": ("fastmae.kernels.masked_mse", "masked_mse"),
     "masked_mse_rows": ("fastmae.kernels.masked_mse", "masked_mse_loss_rows"),
-    "decoder_assembly": ("fastmae.kernels.decoder_assembly", "decoder_assemble"),
+    "decoder_assembly": ("fastmae.kernels.decoder_assembly", "decoder_assembly"),
     "layer_norm": ("fastmae.kernels.layer_norm", "layer_norm"),
     "gelu": ("fastmae.kernels.gelu", "gelu"),
 }
@@ -142,10 +142,10 @@ def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None
     return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
 
 
-def patch_embed_visible(impl: str, imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.Tensor:
-    """See :func:`fastmae.reference.patch_embed_visible`."""
+def patch_embed(impl: str, imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.Tensor:
+    """See :func:`fastmae.reference.patch_embed`."""
     args = (imgs, ids_keep, weight, bias, pos_embed, cls_token)
-    fn = triton_kernel("patch_embed") if use_triton(impl, "patch_embed", *args) else reference.patch_embed_visible
+    fn = triton_kernel("patch_embed") if use_triton(impl, "patch_embed", *args) else reference.patch_embed
     return fn(*args)
 
 
@@ -155,29 +155,29 @@ def attention(impl: str, qkv: torch.Tensor, num_heads: int, scale: float | None 
     return fn(qkv, num_heads, scale)
 
 
-def masked_mse_loss(impl: str, pred, imgs, mask, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
-    """See :func:`fastmae.reference.masked_mse_loss`."""
+def masked_mse(impl: str, pred, imgs, mask, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+    """See :func:`fastmae.reference.masked_mse`."""
     args = (pred, imgs, mask, patch_size, norm_pix_loss)
-    fn = triton_kernel("masked_mse") if use_triton(impl, "masked_mse", *args) else reference.masked_mse_loss
+    fn = triton_kernel("masked_mse") if use_triton(impl, "masked_mse", *args) else reference.masked_mse
     return fn(*args)
 
 
 def masked_mse_loss_rows(impl: str, pred, imgs, mask, masked_ids, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
     """The loss of predictions made for the masked patches only: ``pred [N, M, p²·C]``, row m is patch
-    ``masked_ids[n, m]``; equal to :func:`masked_mse_loss` of those rows placed in a full ``[N, L, p²·C]``."""
+    ``masked_ids[n, m]``; equal to :func:`masked_mse` of those rows placed in a full ``[N, L, p²·C]``."""
     args = (pred, imgs, masked_ids, patch_size, norm_pix_loss)
     if use_triton(impl, "masked_mse_rows", *args):
         return triton_kernel("masked_mse_rows")(*args)
     index = masked_ids.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # [N, M, p²C]
     full = pred.new_zeros(mask.shape[0], mask.shape[1], pred.shape[-1]).scatter(1, index, pred)  # [N, L, p²C]
-    return reference.masked_mse_loss(full, imgs, mask, patch_size, norm_pix_loss)
+    return reference.masked_mse(full, imgs, mask, patch_size, norm_pix_loss)
 
 
-def decoder_assemble(impl: str, x, ids_restore, mask_token, pos_embed) -> torch.Tensor:
-    """See :func:`fastmae.reference.decoder_assemble`."""
+def decoder_assembly(impl: str, x, ids_restore, mask_token, pos_embed) -> torch.Tensor:
+    """See :func:`fastmae.reference.decoder_assembly`."""
     args = (x, ids_restore, mask_token, pos_embed)
     use = use_triton(impl, "decoder_assembly", *args)
-    fn = triton_kernel("decoder_assembly") if use else reference.decoder_assemble
+    fn = triton_kernel("decoder_assembly") if use else reference.decoder_assembly
     return fn(*args)
 
 

@@ -21,11 +21,11 @@ from .pos_embed import sincos_2d
 __all__ = [
     "MaskedAutoencoderViT",
     "attention",
-    "decoder_assemble",
+    "decoder_assembly",
     "gelu",
     "layer_norm",
-    "masked_mse_loss",
-    "patch_embed_visible",
+    "masked_mse",
+    "patch_embed",
     "patchify",
     "unpatchify",
 ]
@@ -61,7 +61,7 @@ def unpatchify(
     return x.reshape(n, in_chans, h * p, w * p)  # [N, C, H, W]
 
 
-def patch_embed_visible(
+def patch_embed(
     imgs: torch.Tensor,
     ids_keep: torch.Tensor,
     weight: torch.Tensor,
@@ -152,7 +152,7 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.gelu(x if bias is None else x + bias)
 
 
-def masked_mse_loss(
+def masked_mse(
     pred: torch.Tensor,
     imgs: torch.Tensor,
     mask: torch.Tensor | None,
@@ -183,7 +183,7 @@ def masked_mse_loss(
     return (loss * mask).sum() / mask.sum()
 
 
-def decoder_assemble(
+def decoder_assembly(
     x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
 ) -> torch.Tensor:
     """The decoder's input: embedded visible tokens plus mask tokens, unshuffled, plus positions.
@@ -291,7 +291,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)  # [N, 1+K, Dd]
-        x = decoder_assemble(x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
+        x = decoder_assembly(x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
@@ -299,7 +299,7 @@ class MaskedAutoencoderViT(nn.Module):
         return x[:, 1:, :]  # [N, L, p²C]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_mse_loss(pred, imgs, mask, self.patch_embed.patch_size[0], self.norm_pix_loss)
+        return masked_mse(pred, imgs, mask, self.patch_embed.patch_size[0], self.norm_pix_loss)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)

@@ -4,7 +4,7 @@ Math, per batch row b and head h, with q, k, v the ``[N, d]`` slices of ``qkv [B
 through strides (no permute, no copy). fp16/bf16 work on base-2 logits, ``c = scale · log2(e)``; fp32
 (``EXACT_P``) forms natural-unit logits exactly as the eager op does, ``e^x`` computed as ``2^(x · log2(e))``:
 
-Forward (``_attn_fwd``: one program per query tile, looping over key tiles)::
+Forward (``_fwd_kernel``: one program per query tile, looping over key tiles)::
 
     s   = (q · kᵀ) · c            (fp16/bf16)      s = (q · scale) · kᵀ      (fp32)    # fp32 logits
     m'  = max(m, rowmax(s));  alpha = 2^(m − m'), p̃ = 2^(s − m')  (fp32: e^(m − m'), e^(s − m'))
@@ -33,10 +33,10 @@ natural units with lse 1.00; all three 0.70. p = e^(s − m) / l, e^(s − m) ·
 alike; ``· (1/l)`` costs one multiply per element. fp16/bf16 round p to 16 bits (2^-9 / 2^-12) before its dots,
 far above these effects, and keep the cheaper base-2 form: no extra stats, no transposes.
 
-* N <= 64 in fp16/bf16 (the ViT-B/L encoder's 50 tokens): ``_attn_bwd_fused``, one program per (b, h) holds the
+* N <= 64 in fp16/bf16 (the ViT-B/L encoder's 50 tokens): ``_bwd_fused_kernel``, one program per (b, h) holds the
   whole head in one tile and does the five dots once; Delta = rowsum(p ∘ dp), so ``out`` is not even read.
-* otherwise: ``_attn_bwd_dq`` (one program per query tile: the Delta preprocess from ``dout ∘ out`` for its rows,
-  stored to an fp32 ``[B, H, N]`` buffer, then dq over all key tiles), then ``_attn_bwd_dkdv`` (one program per
+* otherwise: ``_bwd_dq_kernel`` (one program per query tile: the Delta preprocess from ``dout ∘ out`` for its rows,
+  stored to an fp32 ``[B, H, N]`` buffer, then dq over all key tiles), then ``_bwd_dkdv_kernel`` (one program per
   key tile, looping over query tiles, reading Delta). dq is recomputed rather than accumulated across programs.
 Every element of out, stats, Delta and dqkv is written by exactly one program, in a fixed order: no atomics, and
 results are bitwise deterministic run to run.
@@ -141,7 +141,7 @@ def _fwd_rows(
 
 
 @triton.jit
-def _attn_fwd(
+def _fwd_kernel(
     QKV, Out, Stats, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
     BLOCK: tl.constexpr, TAIL: tl.constexpr,
@@ -169,7 +169,7 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_bwd_fused(
+def _bwd_fused_kernel(
     QKV, Stats, DOut, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
     scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr,
@@ -237,7 +237,7 @@ def _dq_rows(
 
 
 @triton.jit
-def _attn_bwd_dq(
+def _bwd_dq_kernel(
     QKV, Out, Stats, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
     stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
@@ -298,13 +298,13 @@ def _dkdv_cols(
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def _bwd_dkdv_kernel(
     QKV, Stats, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
     stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
     BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    """dk and dv of one key tile (after ``_attn_bwd_dq`` wrote Delta); grid ``(B·H·cdiv(N, BLOCK),)``."""
+    """dk and dv of one key tile (after ``_bwd_dq_kernel`` wrote Delta); grid ``(B·H·cdiv(N, BLOCK),)``."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK)
     bh = pid // n_tiles
@@ -343,20 +343,19 @@ CONFIGS = {
 # fp32 (3xTF32 dots on fp32 operands: twice the shared memory, three MMAs per product): one config, small tiles.
 CONFIGS_FP32 = {"fwd": [_opts(4, 1)], "bwd_dq": [_opts(4, 1)], "bwd_dkdv": [_opts(8, 1)]}
 BLOCK_16, BLOCK_32 = 64, 32  # full tile of the fp16/bf16 and of the fp32 kernels
-KERNELS = {"fwd": _attn_fwd, "bwd_fused": _attn_bwd_fused, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
 
 
 def _tuner(fn, configs: list[triton.Config]):
     return triton.autotune(configs=configs, key=["N", "HEAD_DIM", "TAIL"])(fn)
 
 
-_FWD = _tuner(_attn_fwd, CONFIGS["fwd"])
-_FWD_FP32 = _tuner(_attn_fwd, CONFIGS_FP32["fwd"])
-_BWD_FUSED = _tuner(_attn_bwd_fused, CONFIGS["bwd_fused"])
-_BWD_DQ = _tuner(_attn_bwd_dq, CONFIGS["bwd_dq"])
-_BWD_DQ_FP32 = _tuner(_attn_bwd_dq, CONFIGS_FP32["bwd_dq"])
-_BWD_DKDV = _tuner(_attn_bwd_dkdv, CONFIGS["bwd_dkdv"])
-_BWD_DKDV_FP32 = _tuner(_attn_bwd_dkdv, CONFIGS_FP32["bwd_dkdv"])
+_FWD = _tuner(_fwd_kernel, CONFIGS["fwd"])
+_FWD_FP32 = _tuner(_fwd_kernel, CONFIGS_FP32["fwd"])
+_BWD_FUSED = _tuner(_bwd_fused_kernel, CONFIGS["bwd_fused"])
+_BWD_DQ = _tuner(_bwd_dq_kernel, CONFIGS["bwd_dq"])
+_BWD_DQ_FP32 = _tuner(_bwd_dq_kernel, CONFIGS_FP32["bwd_dq"])
+_BWD_DKDV = _tuner(_bwd_dkdv_kernel, CONFIGS["bwd_dkdv"])
+_BWD_DKDV_FP32 = _tuner(_bwd_dkdv_kernel, CONFIGS_FP32["bwd_dkdv"])
 
 
 def _tuner_for(name: str, fp32: bool):
@@ -394,7 +393,7 @@ def force_config(**index: int) -> Iterator[None]:
 
     Names: ``fwd``, ``bwd_fused``, ``bwd_dq``, ``bwd_dkdv``; e.g. ``force_config(fwd=1)``.
     """
-    unknown = set(index) - set(KERNELS)
+    unknown = set(index) - set(CONFIGS)
     if unknown:
         raise ValueError(f"unknown kernel names {sorted(unknown)}")
     prev = dict(_forced)
@@ -442,8 +441,7 @@ def _op(name: str):
     return wrap
 
 
-@_op("fastmae::attention_fwd")
-def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """out ``[B, N, H·d]`` and the fp32 softmax statistics ``[B, H, S, N]`` of validated, unit-stride ``qkv``:
     S = 2 rows (m, l) for fp32 qkv, else S = 1 row, the base-2 logsumexp (see the module's math)."""
     b, n, three_hd = qkv.shape
@@ -460,8 +458,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torc
     return out, stats
 
 
-@_op("fastmae::attention_bwd")
-def attention_bwd(
+def _launch_bwd(
     qkv: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor, num_heads: int, scale: float
 ) -> torch.Tensor:
     """dqkv ``[B, N, 3·H·d]`` from the forward's qkv, out, stats and a unit-stride ``dout [B, N, H·d]``."""
@@ -486,6 +483,10 @@ def attention_bwd(
     args = (qkv, stats, dout, delta, dqkv, n, h, *strides, scale, scale * LOG2E)
     _launch("bwd_dkdv", qkv.dtype, grid, args, consts)
     return dqkv
+
+
+attention_fwd = _op("fastmae::attention_fwd")(_launch_fwd)
+attention_bwd = _op("fastmae::attention_bwd")(_launch_bwd)
 
 
 def _shape_limit(qkv: torch.Tensor, num_heads: int) -> str | None:
@@ -513,7 +514,7 @@ def unsupported(qkv, num_heads, scale=None) -> str | None:
     return _shape_limit(qkv, num_heads)
 
 
-class _Attention(torch.autograd.Function):
+class AttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
@@ -573,4 +574,4 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
         qkv = qkv.to(torch.get_autocast_dtype("cuda"))  # as autocast runs SDPA and matmuls: in its dtype
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    return _Attention.apply(qkv, num_heads, float(scale))
+    return AttentionFunction.apply(qkv, num_heads, float(scale))

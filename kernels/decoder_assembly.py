@@ -18,9 +18,9 @@ Backward, with ``g = dout``::
     dpos           = Σ_n g[n]          (only when pos_embed requires grad; MAE's is fixed)
 
 ids_restore is a permutation, so each kept token comes from exactly one position: dx is written by a scatter of
-whole rows with no atomics and every row of dx is written once. ``_assemble_bwd`` (one program per (n, column
+whole rows with no atomics and every row of dx is written once. ``_bwd_kernel`` (one program per (n, column
 block), looping over the rows in a fixed order) also sums the masked rows into a per-sample partial ``[N, Dd]``;
-``_sum_batch`` then adds the N partials in a fixed order. dpos uses the same kernel over ``g`` viewed
+``_bwd_sum_kernel`` then adds the N partials in a fixed order. dpos uses the same kernel over ``g`` viewed
 ``[N, (1+L)·Dd]``. Everything is deterministic; accumulation is fp32.
 
 Checks: dtypes, shapes (``x [N, 1+K, Dd]`` with ``0 ≤ K ≤ L``, ``ids_restore`` int64 ``[N, L]``, ``mask_token
@@ -41,7 +41,7 @@ import triton.language as tl
 
 from fastmae.kernels._common import check_float, check_same_device, empty, unsupported_float
 
-__all__ = ["decoder_assemble", "unsupported"]
+__all__ = ["decoder_assembly", "unsupported"]
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _row_sources(IDS, n, t, t_ok, s_rn, s_rl, K, L):
 
 
 @triton.jit
-def _assemble_fwd(
+def _fwd_kernel(
     X,
     IDS,
     TOK,
@@ -98,7 +98,7 @@ def _assemble_fwd(
 
 
 @triton.jit
-def _assemble_bwd(
+def _bwd_kernel(
     G,
     IDS,
     DX,
@@ -133,7 +133,7 @@ def _assemble_bwd(
 
 
 @triton.jit
-def _sum_batch(SRC, OUT, N, M, s_n, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_sum_kernel(SRC, OUT, N, M, s_n, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """OUT[m] = Σ_n SRC[n, m] (fp32), summed in a fixed order; SRC's last dim contiguous."""
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c_ok = cols < M
@@ -148,7 +148,7 @@ def _sum_batch(SRC, OUT, N, M, s_n, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
 SUM_BLOCK_N, SUM_BLOCK_M = 8, 256
 
 
-def _tile(dd: int) -> tuple[int, int, int]:
+def tiling(dd: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps) for a decoder width dd."""
     block_d = min(128, triton.next_power_of_2(dd))
     return 32, block_d, 4
@@ -184,18 +184,18 @@ def _sum_over_batch(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n, m = src.shape
     out = empty(m, dtype=dtype, device=src.device)
     grid = (triton.cdiv(m, SUM_BLOCK_M),)
-    _sum_batch[grid](src, out, n, m, src.stride(0), BLOCK_N=SUM_BLOCK_N, BLOCK_M=SUM_BLOCK_M, num_warps=4)
+    _bwd_sum_kernel[grid](src, out, n, m, src.stride(0), BLOCK_N=SUM_BLOCK_N, BLOCK_M=SUM_BLOCK_M, num_warps=4)
     return out
 
 
-def _forward(x, ids_restore, mask_token, pos_embed):
+def _launch_fwd(x, ids_restore, mask_token, pos_embed):
     n, k1, dd = x.shape
     num_patches = ids_restore.shape[1]
     out_dtype = torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
     out = empty(n, num_patches + 1, dd, dtype=out_dtype, device=x.device)  # [N, 1+L, Dd]
-    block_t, block_d, warps = _tile(dd)
+    block_t, block_d, warps = tiling(dd)
     grid = (n, triton.cdiv(num_patches + 1, block_t), triton.cdiv(dd, block_d))
-    _assemble_fwd[grid](
+    _fwd_kernel[grid](
         x, ids_restore, mask_token, pos_embed, out, k1 - 1, num_patches, dd,
         *x.stride(), *ids_restore.stride(), mask_token.stride(2), pos_embed.stride(1), pos_embed.stride(2),
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
@@ -203,26 +203,26 @@ def _forward(x, ids_restore, mask_token, pos_embed):
     return out
 
 
-def _backward(g, ids_restore, k1, x_dtype, tok_dtype):
+def _launch_bwd(g, ids_restore, k1, x_dtype, tok_dtype):
     """Return (dx [N, 1+K, Dd] in x's dtype, dmask_token [1, 1, Dd] in mask_token's dtype)."""
     n, l1, dd = g.shape
     dx = empty(n, k1, dd, dtype=x_dtype, device=g.device)  # [N, 1+K, Dd]
     part = empty(n, dd, dtype=torch.float32, device=g.device)  # [N, Dd]
-    block_t, block_d, warps = _tile(dd)
-    _assemble_bwd[(n, triton.cdiv(dd, block_d))](
+    block_t, block_d, warps = tiling(dd)
+    _bwd_kernel[(n, triton.cdiv(dd, block_d))](
         g, ids_restore, dx, part, k1 - 1, l1 - 1, dd, *g.stride(), *ids_restore.stride(),
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return dx, _sum_over_batch(part, tok_dtype).view(1, 1, dd)
 
 
-class _DecoderAssemble(torch.autograd.Function):
+class DecoderAssemblyFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, ids_restore, mask_token, pos_embed):
         ctx.save_for_backward(ids_restore)
         ctx.meta = (x.shape[1], x.dtype, mask_token.dtype, pos_embed.dtype)
-        return _forward(x, ids_restore, mask_token, pos_embed)
+        return _launch_fwd(x, ids_restore, mask_token, pos_embed)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -231,7 +231,7 @@ class _DecoderAssemble(torch.autograd.Function):
         k1, x_dtype, tok_dtype, pos_dtype = ctx.meta
         dx = dtok = dpos = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            dx, dtok = _backward(g, ids_restore, k1, x_dtype, tok_dtype)
+            dx, dtok = _launch_bwd(g, ids_restore, k1, x_dtype, tok_dtype)
         if ctx.needs_input_grad[3]:
             flat = g.reshape(g.shape[0], -1)  # [N, (1+L)·Dd]
             if flat.stride(1) != 1:
@@ -246,14 +246,14 @@ class _DecoderAssemble(torch.autograd.Function):
 
 
 def unsupported(x, ids_restore, mask_token, pos_embed) -> str | None:
-    """Why :func:`decoder_assemble` does not take arguments the eager op accepts (a float64 tensor), or None."""
+    """Why :func:`decoder_assembly` does not take arguments the eager op accepts (a float64 tensor), or None."""
     return unsupported_float(x=x, mask_token=mask_token, pos_embed=pos_embed)
 
 
-def decoder_assemble(
+def decoder_assembly(
     x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
 ) -> torch.Tensor:
-    """The decoder's input in one pass; see :func:`fastmae.reference.decoder_assemble`.
+    """The decoder's input in one pass; see :func:`fastmae.reference.decoder_assembly`.
 
     Args:
         x: ``[N, 1+K, Dd]``, the decoder_embed output (cls, then the kept tokens in kept order); any strides.
@@ -265,4 +265,4 @@ def decoder_assemble(
         (x[:, 1+r] if r = ids_restore[n, l] < K else mask_token) + pos[1+l].
     """
     _check(x, ids_restore, mask_token, pos_embed)
-    return _DecoderAssemble.apply(x, ids_restore, mask_token, pos_embed)
+    return DecoderAssemblyFunction.apply(x, ids_restore, mask_token, pos_embed)

@@ -1,7 +1,7 @@
 """MAE's loss read straight from the image: masked rows only, per-patch normalization in registers.
 
 Math (names as in the code). ``pred [N, R, D]`` with ``D = P·P·C`` in (i, j, c) order, ``imgs [N, C, H, W]``,
-grid ``GH × GW`` patches (``L = GH·GW``). Row ``(n, r)`` scores patch ``l = r`` (:func:`masked_mse_loss`, R = L)
+grid ``GH × GW`` patches (``L = GH·GW``). Row ``(n, r)`` scores patch ``l = r`` (:func:`masked_mse`, R = L)
 or ``l = ids[n, r]`` (:func:`masked_mse_loss_rows`) with weight ``w = mask[n, r]`` (1 when there is no mask)::
 
     t_q     = imgs[n, c, hh·P + i, ww·P + j]            hh = l // GW, ww = l % GW
@@ -12,14 +12,14 @@ or ``l = ids[n, r]`` (:func:`masked_mse_loss_rows`) with weight ``w = mask[n, r]
     loss    = Σ w · row_loss / Σ w
     dpred   = g · 2 · err · w / (D · Σ w)               (zeros where w = 0)
 
-Forward: ``_mse_fwd`` handles BLOCK_R rows × BLOCK_D (next power of two ≥ D, lanes ≥ D masked) per program. Rows
+Forward: ``_fwd_kernel`` handles BLOCK_R rows × BLOCK_D (next power of two ≥ D, lanes ≥ D masked) per program. Rows
 with ``w = 0`` are masked out of every load, so no byte of an unmasked patch's pred or pixels moves. Each program
-writes its partial ``Σ w·row_loss`` and ``Σ w`` (fp32); ``_mse_reduce`` (one program) sums the partials in a fixed
-order and writes ``loss`` and ``Σ w``: deterministic, no atomics. Accumulation is fp32 whatever the input dtypes.
+writes its partial ``Σ w·row_loss`` and ``Σ w`` (fp32); ``_fwd_reduce_kernel`` (one program) sums the partials in a
+fixed order and writes ``loss`` and ``Σ w``: deterministic, no atomics. Accumulation is fp32 whatever the input dtypes.
 Lanes are laid out in (c, i, j) order so that image loads run along contiguous pixel rows; pred is addressed
 through the (i, j, c) index of the same lane (any consistent lane permutation gives the same sums).
 
-Backward: ``_mse_bwd`` recomputes mean/rstd from the pixels (the row is re-read anyway to form the target, so
+Backward: ``_bwd_kernel`` recomputes mean/rstd from the pixels (the row is re-read anyway to form the target, so
 saving ``[N, L]`` statistics would only add traffic) and writes dpred in pred's dtype, zeros for rows with
 ``w = 0``. Nothing of size ``[N, L, D]`` is saved: only pred, imgs, the mask and a scalar ``Σ w``.
 
@@ -49,7 +49,7 @@ import triton.language as tl
 
 from fastmae.kernels._common import check_float, check_same_device, empty, unsupported_float
 
-__all__ = ["check_mask_errors", "masked_mse_loss", "masked_mse_loss_rows", "unsupported"]
+__all__ = ["check_mask_errors", "masked_mse", "masked_mse_loss_rows", "unsupported"]
 
 EPS = 1.0e-6
 REDUCE_BLOCK = 1024
@@ -131,7 +131,7 @@ def _rows_err(
 
 
 @triton.jit
-def _mse_fwd(
+def _fwd_kernel(
     PRED,
     IMGS,
     MASK,
@@ -172,7 +172,7 @@ def _mse_fwd(
 
 
 @triton.jit
-def _mse_reduce(PART, LOSS, WSUM, num_programs, BLOCK: tl.constexpr):
+def _fwd_reduce_kernel(PART, LOSS, WSUM, num_programs, BLOCK: tl.constexpr):
     """LOSS = Σ PART[0] / Σ PART[1], WSUM = Σ PART[1]: one program, fixed order."""
     acc_l = tl.zeros([BLOCK], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
@@ -188,7 +188,7 @@ def _mse_reduce(PART, LOSS, WSUM, num_programs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _mse_bwd(
+def _bwd_kernel(
     PRED,
     IMGS,
     MASK,
@@ -231,14 +231,14 @@ def _mse_bwd(
     tl.store(out, d.to(DPRED.dtype.element_ty), mask=in_range[:, None] & q_ok[None, :])
 
 
-def _tile(d: int) -> tuple[int, int, int]:
+def tiling(d: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps) for rows of d elements: a ~4096-element tile."""
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(16, 4096 // block_d))
     return block_r, block_d, (8 if block_r * block_d >= 4096 else 4)
 
 
-def _check_common(pred: torch.Tensor, imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool) -> tuple:
+def _check(pred: torch.Tensor, imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool) -> tuple:
     """Validate pred/imgs/patch_size; return (N, R, D, C, GH, GW)."""
     check_float("pred", pred)
     check_float("imgs", imgs)
@@ -309,7 +309,7 @@ def _flag_zero_weight(wsum: torch.Tensor) -> None:
 
 def _launch_args(pred, imgs, gw, patch_size, c, norm, has_mask, has_ids):
     n, rows, d = pred.shape
-    block_r, block_d, warps = _tile(d)
+    block_r, block_d, warps = tiling(d)
     total = n * rows
     grid = triton.cdiv(total, block_r)
     ints = (total, rows, imgs.shape[2] // patch_size * gw, gw, *pred.stride(), *imgs.stride())
@@ -317,38 +317,38 @@ def _launch_args(pred, imgs, gw, patch_size, c, norm, has_mask, has_ids):
     return grid, ints, meta, warps
 
 
-def _forward(pred, imgs, weights, ids, patch_size, c, gw, norm):
+def _launch_fwd(pred, imgs, weights, ids, patch_size, c, gw, norm):
     """Launch the forward kernels; return (loss [1] fp32, Σ w [1] fp32)."""
     grid, ints, meta, warps = _launch_args(pred, imgs, gw, patch_size, c, norm, weights is not None, ids is not None)
     part = empty(2, grid, dtype=torch.float32, device=pred.device)  # [2, programs]
     total, rows, num_patches, gw_ = ints[:4]
-    _mse_fwd[(grid,)](
+    _fwd_kernel[(grid,)](
         pred, imgs, pred if weights is None else weights, pred if ids is None else ids, part,
         total, grid, rows, num_patches, gw_, *ints[4:], **meta, num_warps=warps,
     )  # fmt: skip
     loss = empty(1, dtype=torch.float32, device=pred.device)
     wsum = empty(1, dtype=torch.float32, device=pred.device)
-    _mse_reduce[(1,)](part, loss, wsum, grid, BLOCK=REDUCE_BLOCK, num_warps=4)
+    _fwd_reduce_kernel[(1,)](part, loss, wsum, grid, BLOCK=REDUCE_BLOCK, num_warps=4)
     return loss, wsum
 
 
-def _backward(grad, pred, imgs, weights, ids, wsum, patch_size, c, gw, norm):
+def _launch_bwd(grad, pred, imgs, weights, ids, wsum, patch_size, c, gw, norm):
     """Launch the backward kernel; return dpred, contiguous [N, R, D] in pred's dtype."""
     grid, ints, meta, warps = _launch_args(pred, imgs, gw, patch_size, c, norm, weights is not None, ids is not None)
     dpred = empty(*pred.shape, dtype=pred.dtype, device=pred.device)  # [N, R, D]
     grad = grad.detach().to(torch.float32).reshape(1)
-    _mse_bwd[(grid,)](
+    _bwd_kernel[(grid,)](
         pred, imgs, pred if weights is None else weights, pred if ids is None else ids, grad, wsum, dpred,
         *ints, **meta, num_warps=warps,
     )  # fmt: skip
     return dpred
 
 
-class _MaskedMSE(torch.autograd.Function):
+class MaskedMSEFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, pred, imgs, weights, ids, patch_size, c, gw, norm):
-        loss, wsum = _forward(pred, imgs, weights, ids, patch_size, c, gw, norm)
+        loss, wsum = _launch_fwd(pred, imgs, weights, ids, patch_size, c, gw, norm)
         ctx.save_for_backward(pred, imgs, weights, ids, wsum)
         ctx.meta = (patch_size, c, gw, norm)
         if weights is not None:
@@ -363,12 +363,12 @@ class _MaskedMSE(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if pred.is_cuda and _pending:
                 check_mask_errors(wait=False)
-            dpred = _backward(grad, pred, imgs, weights, ids, wsum, *ctx.meta)
+            dpred = _launch_bwd(grad, pred, imgs, weights, ids, wsum, *ctx.meta)
         return dpred, None, None, None, None, None, None, None
 
 
 def unsupported(pred, imgs, *args) -> str | None:
-    """Why :func:`masked_mse_loss` or :func:`masked_mse_loss_rows` does not take arguments the eager loss accepts
+    """Why :func:`masked_mse` or :func:`masked_mse_loss_rows` does not take arguments the eager loss accepts
     (a float64 tensor, images that require grad), or None."""
     reason = unsupported_float(pred=pred, imgs=imgs)
     if reason is None and isinstance(imgs, torch.Tensor) and imgs.requires_grad and torch.is_grad_enabled():
@@ -376,14 +376,14 @@ def unsupported(pred, imgs, *args) -> str | None:
     return reason
 
 
-def masked_mse_loss(
+def masked_mse(
     pred: torch.Tensor,
     imgs: torch.Tensor,
     mask: torch.Tensor | None,
     patch_size: int,
     norm_pix_loss: bool = False,
 ) -> torch.Tensor:
-    """MAE's loss, read from the image for the scored patches only; see :func:`fastmae.reference.masked_mse_loss`.
+    """MAE's loss, read from the image for the scored patches only; see :func:`fastmae.reference.masked_mse`.
 
     Args:
         pred: ``[N, L, p²·C]`` predictions, (i, j, c) order within a patch; any strides, fp32/fp16/bf16.
@@ -396,7 +396,7 @@ def masked_mse_loss(
     Returns:
         A float32 scalar: ``Σ mask · mean_j (pred − target)² / Σ mask``.
     """
-    n, num_rows, _, c, gh, gw = _check_common(pred, imgs, patch_size, norm_pix_loss)
+    n, num_rows, _, c, gh, gw = _check(pred, imgs, patch_size, norm_pix_loss)
     if num_rows != gh * gw:
         raise ValueError(f"pred has {num_rows} patches but imgs holds {gh}x{gw} = {gh * gw} of size {patch_size}")
     weights = None
@@ -413,7 +413,7 @@ def masked_mse_loss(
         weights = mask.to(torch.float32).contiguous()  # [N, L]
     if pred.is_cuda and _pending:
         check_mask_errors(wait=False)
-    return _MaskedMSE.apply(pred, imgs, weights, None, patch_size, c, gw, norm_pix_loss).view(())  # []
+    return MaskedMSEFunction.apply(pred, imgs, weights, None, patch_size, c, gw, norm_pix_loss).view(())  # []
 
 
 def masked_mse_loss_rows(
@@ -426,7 +426,7 @@ def masked_mse_loss_rows(
     """The same loss when pred holds only the scored patches: ``mean over rows of mean_j (pred − target)²``.
 
     With ``ids`` the masked patches of a 0/1 mask (e.g. in raster order), this equals
-    ``masked_mse_loss(full_pred, imgs, mask, ...)`` without the decoder ever predicting the visible patches.
+    ``masked_mse(full_pred, imgs, mask, ...)`` without the decoder ever predicting the visible patches.
 
     Args:
         pred: ``[N, M, p²·C]`` predictions of the patches ``ids`` names, (i, j, c) order; any strides.
@@ -438,7 +438,7 @@ def masked_mse_loss_rows(
     Returns:
         A float32 scalar.
     """
-    n, num_rows, _, c, gh, gw = _check_common(pred, imgs, patch_size, norm_pix_loss)
+    n, num_rows, _, c, gh, gw = _check(pred, imgs, patch_size, norm_pix_loss)
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
         raise TypeError(f"ids must be an int64 tensor [N, M], got {getattr(ids, 'dtype', type(ids).__name__)}")
     if ids.shape != (n, num_rows) or num_rows == 0:
@@ -446,4 +446,4 @@ def masked_mse_loss_rows(
     check_same_device(pred=pred, ids=ids)
     if not ids.is_cuda and ((ids < 0).any() or (ids >= gh * gw).any()):
         raise ValueError(f"ids must lie in [0, {gh * gw}) (the patches of a {gh}x{gw} grid)")
-    return _MaskedMSE.apply(pred, imgs, None, ids.contiguous(), patch_size, c, gw, norm_pix_loss).view(())  # []
+    return MaskedMSEFunction.apply(pred, imgs, None, ids.contiguous(), patch_size, c, gw, norm_pix_loss).view(())  # []

@@ -40,7 +40,7 @@ cls_token.dtype)``; under autocast with MAE's fp32 ``pos_embed`` that is fp32, e
 ``torch.backends.cudnn.allow_tf32`` is set, like the conv they replace. Gradients come back in each input's dtype.
 
 ``pos_embed`` is MAE's fixed sin-cos table: its gradient is not computed, and a ``pos_embed`` that requires grad
-(with grad mode on) is refused with a ValueError; use :func:`fastmae.reference.patch_embed_visible` for a learned
+(with grad mode on) is refused with a ValueError; use :func:`fastmae.reference.patch_embed` for a learned
 one. ``ids_keep`` is range-checked on the host (one device-to-host sync per call; skipped under ``torch.compile``
 and during CUDA-graph capture, where an out-of-range index gives NaN rows instead of a memory fault). H and W
 must be multiples of P.
@@ -317,7 +317,7 @@ def _geometry(imgs: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
     return n, c, d, p, w // p, (h // p) * (w // p), c * p * p
 
 
-def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.dtype:
+def _check(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.dtype:
     """Validate a call; return the GEMM's compute dtype (the autocast dtype under autocast, else imgs.dtype)."""
     for name, t in (("imgs", imgs), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
         check_float(name, t)
@@ -347,13 +347,11 @@ def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.d
         raise ValueError(f"cls_token must be [1, 1, D] = [1, 1, {d}], got shape {list(cls_token.shape)}")
     check_same_device(imgs=imgs, ids_keep=ids_keep, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
     if not imgs.is_cuda and not interpreting():
-        raise ValueError(
-            f"patch_embed_visible runs on CUDA tensors (got {imgs.device}); set TRITON_INTERPRET=1 for CPU"
-        )
+        raise ValueError(f"patch_embed runs on CUDA tensors (got {imgs.device}); set TRITON_INTERPRET=1 for CPU")
     if pos_embed.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "pos_embed requires grad, but this kernel treats it as MAE's fixed sin-cos table and computes no "
-            "gradient for it; set pos_embed.requires_grad_(False) or use fastmae.reference.patch_embed_visible"
+            "gradient for it; set pos_embed.requires_grad_(False) or use fastmae.reference.patch_embed"
         )
     device_type = imgs.device.type
     if torch.is_autocast_enabled(device_type):
@@ -376,7 +374,7 @@ def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.d
 
 
 def unsupported(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> str | None:
-    """Why :func:`patch_embed_visible` does not take arguments the eager op accepts (a float64 tensor, a pos_embed
+    """Why :func:`patch_embed` does not take arguments the eager op accepts (a float64 tensor, a pos_embed
     that requires grad), or None."""
     reason = unsupported_float(imgs=imgs, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
     if reason is None and isinstance(pos_embed, torch.Tensor) and pos_embed.requires_grad and torch.is_grad_enabled():
@@ -384,7 +382,7 @@ def unsupported(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> str | Non
     return reason
 
 
-def _launch_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct, out_dtype, allow_tf32) -> torch.Tensor:
+def _launch_fwd(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct, out_dtype, allow_tf32) -> torch.Tensor:
     """out [N, 1+K, D] in one launch of _fwd_kernel."""
     n, c, d, p, gw, num_patches, r = _geometry(imgs, weight)
     k = ids_keep.shape[1]
@@ -462,13 +460,13 @@ def _launch_dimgs(dout, imgs, ids_keep, weight, ct, allow_tf32) -> torch.Tensor:
     return dimgs
 
 
-class _PatchEmbedVisible(torch.autograd.Function):
+class PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, imgs, ids_keep, weight, bias, pos_embed, cls_token, ct):
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
         out_dtype = torch.promote_types(torch.promote_types(ct, pos_embed.dtype), cls_token.dtype)
-        out = _launch_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct, out_dtype, allow_tf32)
+        out = _launch_fwd(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct, out_dtype, allow_tf32)
         ctx.save_for_backward(imgs, ids_keep, weight)
         ctx.ct, ctx.allow_tf32 = ct, allow_tf32
         ctx.bias_dtype, ctx.cls_dtype = bias.dtype, cls_token.dtype
@@ -498,7 +496,7 @@ class _PatchEmbedVisible(torch.autograd.Function):
         )
 
 
-def patch_embed_visible(
+def patch_embed(
     imgs: torch.Tensor,
     ids_keep: torch.Tensor,
     weight: torch.Tensor,
@@ -508,7 +506,7 @@ def patch_embed_visible(
 ) -> torch.Tensor:
     """Patch embedding of the visible patches, with positions and the cls token, as one fused kernel.
 
-    Same arguments and result as :func:`fastmae.reference.patch_embed_visible`; differentiable with respect to
+    Same arguments and result as :func:`fastmae.reference.patch_embed`; differentiable with respect to
     ``imgs`` (when it requires grad), ``weight``, ``bias`` and ``cls_token``. ``pos_embed`` is fixed: a
     ``pos_embed`` that requires grad is refused (ValueError) while grad mode is on.
 
@@ -523,5 +521,5 @@ def patch_embed_visible(
         Its dtype is the eager op's: ``promote(compute dtype, pos_embed.dtype, cls_token.dtype)``, where the
         compute dtype is the autocast dtype under ``torch.autocast`` and imgs.dtype otherwise.
     """
-    ct = _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token)
-    return _PatchEmbedVisible.apply(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct)
+    ct = _check(imgs, ids_keep, weight, bias, pos_embed, cls_token)
+    return PatchEmbedFunction.apply(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct)

@@ -59,8 +59,8 @@ def _patch_embed(cfg, masking, mode: str, img_grad: bool = False) -> None:
     weight, bias = _empty(d, c, p, p, dtype=dt, device=dev, grad=True), _empty(d, dtype=dt, device=dev, grad=True)
     pos = _empty(1, 1 + num_patches, d, dtype=dt, device=dev)
     cls = _empty(1, 1, d, dtype=dt, device=dev, grad=True)
-    # ct: the GEMM's compute dtype, the autocast dtype under amp (what patch_embed_visible derives)
-    out = pe._PatchEmbedVisible.apply(imgs, masking.ids_keep, weight, bias, pos, cls, torch.bfloat16)
+    # ct: the GEMM's compute dtype, the autocast dtype under amp (what patch_embed derives)
+    out = pe.PatchEmbedFunction.apply(imgs, masking.ids_keep, weight, bias, pos, cls, torch.bfloat16)
     _backward(out, imgs, weight, bias, cls)
 
 
@@ -72,7 +72,7 @@ def _attention(tokens: int, dim: int, heads: int, device) -> None:
     qkv = _empty(
         BATCH, tokens, 3 * dim, dtype=torch.bfloat16, device=device, grad=True
     )  # [B, N, 3·D], the qkv Linear's output
-    out = attn._Attention.apply(qkv, heads, (dim // heads) ** -0.5)
+    out = attn.AttentionFunction.apply(qkv, heads, (dim // heads) ** -0.5)
     _backward(out, qkv)
 
 
@@ -95,14 +95,14 @@ def _loss(cfg, masking, mode: str, rows: bool) -> None:
             loss = mm.masked_mse_loss_rows(pred, imgs, ids, p, NORM_PIX_LOSS)
         else:
             full = _empty(n, 1 + num_patches, p * p * c, dtype=torch.bfloat16, device=dev, grad=True)  # [N, 1+L, p²C]
-            loss = mm.masked_mse_loss(full[:, 1:, :], imgs, masking.mask, p, NORM_PIX_LOSS)
+            loss = mm.masked_mse(full[:, 1:, :], imgs, masking.mask, p, NORM_PIX_LOSS)
         _backward(loss, pred if rows else full)
 
 
 def _decoder_input(cfg, masking, mode: str, pos_grad: bool = False) -> None:
     import torch
 
-    from fastmae.kernels.decoder_assembly import decoder_assemble
+    from fastmae.kernels.decoder_assembly import decoder_assembly
 
     pt = torch.bfloat16 if mode == "bf16" else torch.float32
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
@@ -110,7 +110,7 @@ def _decoder_input(cfg, masking, mode: str, pos_grad: bool = False) -> None:
     x = _empty(BATCH, 1 + kept, dd, dtype=torch.bfloat16, device=dev, grad=True)  # [N, 1+K, Dd], decoder_embed's
     token = _empty(1, 1, dd, dtype=pt, device=dev, grad=True)
     pos = _empty(1, 1 + num_patches, dd, dtype=pt, device=dev, grad=pos_grad)
-    _backward(decoder_assemble(x, masking.ids_restore, token, pos), x, token, pos)
+    _backward(decoder_assembly(x, masking.ids_restore, token, pos), x, token, pos)
 
 
 def run_mae(rec, models: list[str] | None = None, device: str = "cpu") -> None:

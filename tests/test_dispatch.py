@@ -84,11 +84,11 @@ def _args(op: str, dtype: torch.dtype) -> tuple:
 
 
 FUNCS = {
-    "patch_embed": ops.patch_embed_visible,
+    "patch_embed": ops.patch_embed,
     "attention": ops.attention,
-    "masked_mse": ops.masked_mse_loss,
+    "masked_mse": ops.masked_mse,
     "masked_mse_rows": ops.masked_mse_loss_rows,
-    "decoder_assembly": ops.decoder_assemble,
+    "decoder_assembly": ops.decoder_assembly,
     "layer_norm": ops.layer_norm,
     "gelu": ops.gelu,
 }

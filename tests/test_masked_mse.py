@@ -1,11 +1,11 @@
-"""The masked-only MSE kernel against fastmae.reference.masked_mse_loss: loss, dpred, edge cases, compilation."""
+"""The masked-only MSE kernel against fastmae.reference.masked_mse: loss, dpred, edge cases, compilation."""
 
 import pytest
 import torch
 
 from fastmae import reference
 from fastmae.kernels._common import poison_outputs
-from fastmae.kernels.masked_mse import _tile, check_mask_errors, masked_mse_loss, masked_mse_loss_rows
+from fastmae.kernels.masked_mse import check_mask_errors, masked_mse, masked_mse_loss_rows, tiling
 from fastmae.masking import random_masking
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error, atol_for
@@ -34,12 +34,12 @@ def eager_run(pred, imgs, mask, p, norm, gscale, dtype):
     """The reference's loss and dpred, on pred/imgs cast to ``dtype`` (float64 for the precise oracle)."""
     pred = pred.detach().to(dtype).requires_grad_()
     imgs = imgs.to(torch.float64 if dtype == torch.float64 else imgs.dtype)
-    loss = reference.masked_mse_loss(pred, imgs, mask, p, norm)
+    loss = reference.masked_mse(pred, imgs, mask, p, norm)
     loss.backward(torch.tensor(gscale, dtype=loss.dtype, device=pred.device))
     return loss.detach(), pred.grad
 
 
-def check_against_eager(pred, imgs, mask, p, norm, fn=masked_mse_loss, name=""):
+def check_against_eager(pred, imgs, mask, p, norm, fn=masked_mse, name=""):
     """Kernel vs eager-in-pred's-dtype vs eager-in-fp64: the tolerance rule on loss and dpred."""
     d = pred.shape[-1]
     wsum = float(mask.sum()) if mask is not None else pred.shape[0] * pred.shape[1]
@@ -127,10 +127,10 @@ def test_unscored_rows_are_never_read():
     torch.manual_seed(6)
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
     mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0]])
-    clean = masked_mse_loss(pred, imgs, mask, 8, True)
+    clean = masked_mse(pred, imgs, mask, 8, True)
     pred[mask == 0] = float("nan")
     imgs[0, :, :8, 8:] = float("nan")  # patch 1 of sample 0, unscored
-    assert torch.equal(masked_mse_loss(pred, imgs, mask, 8, True), clean)
+    assert torch.equal(masked_mse(pred, imgs, mask, 8, True), clean)
 
 
 def test_loss_can_be_scaled_in_place_like_the_original_training_loop():
@@ -138,8 +138,8 @@ def test_loss_can_be_scaled_in_place_like_the_original_training_loop():
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
     mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]])
     pred_k, pred_r = pred.clone().requires_grad_(), pred.clone().requires_grad_()
-    loss = masked_mse_loss(pred_k, imgs, mask, 8, True)
-    ref = reference.masked_mse_loss(pred_r, imgs, mask, 8, True)
+    loss = masked_mse(pred_k, imgs, mask, 8, True)
+    ref = reference.masked_mse(pred_r, imgs, mask, 8, True)
     loss /= 4  # the original divides by accum_iter in place
     ref /= 4
     loss.backward()
@@ -152,9 +152,9 @@ def test_loss_can_be_scaled_in_place_like_the_original_training_loop():
 def test_all_zero_mask_raises():
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
     with pytest.raises(ValueError, match="mask sums to zero"):
-        masked_mse_loss(pred, imgs, torch.zeros(2, 4), 8, False)
+        masked_mse(pred, imgs, torch.zeros(2, 4), 8, False)
     with pytest.raises(ValueError, match="mask sums to zero"):
-        masked_mse_loss(pred, imgs, torch.tensor([[1.0, -1, 0, 0], [0, 0, 0, 0]]), 8, False)
+        masked_mse(pred, imgs, torch.tensor([[1.0, -1, 0, 0], [0, 0, 0, 0]]), 8, False)
 
 
 @pytest.mark.parametrize("norm", [False, True])
@@ -162,8 +162,8 @@ def test_deterministic(norm):
     torch.manual_seed(7)
     pred, imgs = make(3, 3, 3, 3, 16, torch.float16)
     mask = random_mask(3, 9)
-    a = kernel_run(masked_mse_loss, pred, imgs, mask, 16, norm, 5.0)
-    b = kernel_run(masked_mse_loss, pred, imgs, mask, 16, norm, 5.0)
+    a = kernel_run(masked_mse, pred, imgs, mask, 16, norm, 5.0)
+    b = kernel_run(masked_mse, pred, imgs, mask, 16, norm, 5.0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -225,14 +225,14 @@ def bad_cases():
 @pytest.mark.parametrize("args,exc,match", bad_cases())
 def test_bad_inputs(args, exc, match):
     with pytest.raises(exc, match=match):
-        masked_mse_loss(*args)
+        masked_mse(*args)
 
 
 def test_imgs_requiring_grad_is_fine_without_grad_mode():
     pred, imgs = make(1, 1, 1, 2, 8, torch.float32)
     with torch.no_grad():
-        out = masked_mse_loss(pred, imgs.requires_grad_(), None, 8)
-    torch.testing.assert_close(out, reference.masked_mse_loss(pred, imgs.detach(), None, 8))
+        out = masked_mse(pred, imgs.requires_grad_(), None, 8)
+    torch.testing.assert_close(out, reference.masked_mse(pred, imgs.detach(), None, 8))
 
 
 def compile_specs():
@@ -240,9 +240,9 @@ def compile_specs():
     ints = ["total_rows", "num_programs", "R", "L", "GW", "s_pn", "s_pr", "s_pd", "s_in", "s_ic", "s_ih", "s_iw"]
 
     def spec(kernel, pred_t, img_t, p, c, norm=True, has_mask=True, has_ids=False):
-        block_r, block_d, warps = _tile(p * p * c)
+        block_r, block_d, warps = tiling(p * p * c)
         sig = {"PRED": pred_t, "IMGS": img_t, "MASK": "*fp32", "IDS": "*i64"}
-        if kernel == "_mse_fwd":
+        if kernel == "_fwd_kernel":
             sig.update({"PART": "*fp32", **{k: "i32" for k in ints}})
         else:
             sig.update({"GRAD": "*fp32", "WSUM": "*fp32", "DPRED": pred_t})
@@ -252,19 +252,19 @@ def compile_specs():
         return KernelSpec(MOD, kernel, sig, cx, num_warps=warps)
 
     specs = []
-    for kernel in ("_mse_fwd", "_mse_bwd"):
+    for kernel in ("_fwd_kernel", "_bwd_kernel"):
         for p, c in PC:
             specs.append(spec(kernel, "*bf16", "*fp32", p, c))
         for p, c in [(8, 1), (8, 3), (16, 3)]:  # one per tile config
             specs.append(spec(kernel, "*fp16", "*fp16", p, c))
             specs.append(spec(kernel, "*fp32", "*fp32", p, c, norm=False, has_mask=False, has_ids=True))
     reduce_sig = {"PART": "*fp32", "LOSS": "*fp32", "WSUM": "*fp32", "num_programs": "i32", "BLOCK": "constexpr"}
-    specs.append(KernelSpec(MOD, "_mse_reduce", reduce_sig, {"BLOCK": 1024}))
+    specs.append(KernelSpec(MOD, "_fwd_reduce_kernel", reduce_sig, {"BLOCK": 1024}))
     return specs
 
 
 def test_tile_configs_are_the_compiled_ones():
-    assert {_tile(p * p * c) for p, c in PC} == {(16, 64, 4), (16, 256, 8), (4, 1024, 8)}
+    assert {tiling(p * p * c) for p, c in PC} == {(16, 64, 4), (16, 256, 8), (4, 1024, 8)}
 
 
 def test_compiles_for_sm80_sm90():
@@ -298,7 +298,7 @@ def test_cuda_fp16_and_fp32_all_configs():
 @pytest.mark.cuda
 def test_cuda_all_zero_mask_raises_late():
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32, "cuda")
-    loss = masked_mse_loss(pred, imgs, torch.zeros(2, 4, device="cuda"), 8, False)
+    loss = masked_mse(pred, imgs, torch.zeros(2, 4, device="cuda"), 8, False)
     assert torch.isnan(loss)
     with pytest.raises(ValueError, match="mask sums to zero"):
         check_mask_errors()
