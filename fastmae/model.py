@@ -229,9 +229,8 @@ class MAE(nn.Module):
         With ``masked_ids`` (``[N, M]``, the masked patches of the 0/1 ``mask``), ``pred`` is ``[N, M, p²·C]``
         holding those patches only (see :meth:`forward_decoder`); the loss is the same.
         """
-        if masked_ids is None:
-            return ops.masked_mse(self.impl, pred, imgs, mask, self.patch_size, self.norm_pix_loss)
-        return ops.masked_mse_loss_rows(self.impl, pred, imgs, mask, masked_ids, self.patch_size, self.norm_pix_loss)
+        weights = mask if masked_ids is None else None  # the rows of masked_ids are exactly the scored ones
+        return ops.masked_mse(self.impl, pred, imgs, weights, self.patch_size, self.norm_pix_loss, masked_ids)
 
     def forward(
         self,

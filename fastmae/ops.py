@@ -33,7 +33,6 @@ KERNELS: dict[str, tuple[str, str]] = {
     "patch_embed": ("fastmae.kernels.patch_embed", "patch_embed"),
     "attention": ("fastmae.kernels.attention", "attention"),
     "masked_mse": ("fastmae.kernels.masked_mse", "masked_mse"),
-    "masked_mse_rows": ("fastmae.kernels.masked_mse", "masked_mse_loss_rows"),
     "decoder_assembly": ("fastmae.kernels.decoder_assembly", "decoder_assembly"),
     "layer_norm": ("fastmae.kernels.layer_norm", "layer_norm"),
     "gelu": ("fastmae.kernels.gelu", "gelu"),
@@ -155,22 +154,11 @@ def attention(impl: str, qkv: torch.Tensor, num_heads: int, scale: float | None 
     return fn(qkv, num_heads, scale)
 
 
-def masked_mse(impl: str, pred, imgs, mask, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+def masked_mse(impl: str, pred, imgs, mask, patch_size: int, norm_pix_loss: bool, ids=None) -> torch.Tensor:
     """See :func:`fastmae.reference.masked_mse`."""
-    args = (pred, imgs, mask, patch_size, norm_pix_loss)
+    args = (pred, imgs, mask, patch_size, norm_pix_loss, ids)
     fn = triton_kernel("masked_mse") if use_triton(impl, "masked_mse", *args) else reference.masked_mse
     return fn(*args)
-
-
-def masked_mse_loss_rows(impl: str, pred, imgs, mask, masked_ids, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
-    """The loss of predictions made for the masked patches only: ``pred [N, M, p²·C]``, row m is patch
-    ``masked_ids[n, m]``; equal to :func:`masked_mse` of those rows placed in a full ``[N, L, p²·C]``."""
-    args = (pred, imgs, masked_ids, patch_size, norm_pix_loss)
-    if use_triton(impl, "masked_mse_rows", *args):
-        return triton_kernel("masked_mse_rows")(*args)
-    index = masked_ids.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # [N, M, p²C]
-    full = pred.new_zeros(mask.shape[0], mask.shape[1], pred.shape[-1]).scatter(1, index, pred)  # [N, L, p²C]
-    return reference.masked_mse(full, imgs, mask, patch_size, norm_pix_loss)
 
 
 def decoder_assembly(impl: str, x, ids_restore, mask_token, pos_embed) -> torch.Tensor:

@@ -158,26 +158,32 @@ def masked_mse(
     mask: torch.Tensor | None,
     patch_size: int,
     norm_pix_loss: bool = False,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MAE's loss: the per-patch MSE against (optionally per-patch normalized) pixels, on masked patches only.
 
     Args:
-        pred: ``[N, L, p²·C]`` predictions, (i, j, c) order within a patch.
+        pred: ``[N, R, p²·C]`` predictions, (i, j, c) order within a patch: of every patch (``R = L``), or with
+            ``ids`` of the patches ``ids`` names.
         imgs: ``[N, C, H, W]``.
-        mask: ``[N, L]``, 1 = removed (scored), 0 = visible; None scores every patch.
+        mask: ``[N, R]`` weights of pred's rows: 1 = removed (scored), 0 = visible; None scores every row.
         patch_size: p.
         norm_pix_loss: normalize each target patch by its mean and unbiased variance (+1e-6).
+        ids: optional ``[N, R]`` int64 patch indices (raster order): row r of pred predicts patch ``ids[n, r]``.
+            With the masked patches of a 0/1 mask and no ``mask``, the loss equals the full prediction's.
 
     Returns:
         A scalar: ``Σ mask · mean_j (pred − target)² / Σ mask``.
     """
     target = patchify(imgs, patch_size)  # [N, L, p²C]
+    if ids is not None:
+        target = torch.gather(target, 1, ids.unsqueeze(-1).expand(-1, -1, target.shape[-1]))  # [N, R, p²C]
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1.0e-6) ** 0.5
     loss = (pred - target) ** 2
-    loss = loss.mean(dim=-1)  # [N, L]
+    loss = loss.mean(dim=-1)  # [N, R]
     if mask is None:
         return loss.mean()
     return (loss * mask).sum() / mask.sum()

@@ -6,9 +6,9 @@ the eager op in :mod:`fastmae.reference`. Nothing here imports fastmae's model c
 
 - ``patch_embed.patch_embed``: patchify + gather of the visible patches fused with the embedding GEMM.
 - ``attention.attention``: flash attention from the packed qkv projection, for MAE's short sequences.
-- ``masked_mse.masked_mse``: the masked-only, per-patch normalized MSE read straight from the image;
-  ``masked_mse.masked_mse_loss_rows`` scores predictions made for the masked patches only, and
-  ``masked_mse.check_mask_errors`` raises a pending all-zero-mask error found on the GPU.
+- ``masked_mse.masked_mse``: the masked-only, per-patch normalized MSE read straight from the image, also of
+  predictions made for the masked patches only (``ids=``); ``masked_mse.check_mask_errors`` raises a pending
+  all-zero-mask error found on the GPU.
 - ``decoder_assembly.decoder_assembly``: visible tokens + mask tokens, unshuffled, + positions, in one pass.
 - ``layer_norm.layer_norm``: LayerNorm fused with the residual add before it, output in the next GEMM's dtype.
 - ``gelu.gelu``: exact GELU, optionally of ``x + bias`` (fc1's bias), one read and one write each way.

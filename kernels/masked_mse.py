@@ -1,8 +1,8 @@
 """MAE's loss read straight from the image: masked rows only, per-patch normalization in registers.
 
 Math (names as in the code). ``pred [N, R, D]`` with ``D = P·P·C`` in (i, j, c) order, ``imgs [N, C, H, W]``,
-grid ``GH × GW`` patches (``L = GH·GW``). Row ``(n, r)`` scores patch ``l = r`` (:func:`masked_mse`, R = L)
-or ``l = ids[n, r]`` (:func:`masked_mse_loss_rows`) with weight ``w = mask[n, r]`` (1 when there is no mask)::
+grid ``GH × GW`` patches (``L = GH·GW``). Row ``(n, r)`` scores patch ``l = r`` (R = L) or, given ``ids``,
+``l = ids[n, r]``, with weight ``w = mask[n, r]`` (1 when there is no mask)::
 
     t_q     = imgs[n, c, hh·P + i, ww·P + j]            hh = l // GW, ww = l % GW
     target  = t                                          (norm_pix_loss off)
@@ -33,7 +33,7 @@ Semantics and constraints:
   call into this module (forward or backward) that finds the copy complete, or by :func:`check_mask_errors`.
 - ``imgs`` gets no gradient: MAE's images never require one, and a call with ``imgs.requires_grad`` under grad
   mode raises a ValueError rather than silently dropping it. Likewise for ``mask``.
-- ``ids`` (rows path): int64 ``[N, R]``; range checked on the CPU; on CUDA an out-of-range entry never addresses
+- ``ids`` (optional): int64 ``[N, R]``; range checked on the CPU; on CUDA an out-of-range entry never addresses
   memory, its row gives a NaN loss and NaN gradient.
 - Offsets along the batch are computed in int64.
 
@@ -49,7 +49,7 @@ import triton.language as tl
 
 from fastmae.kernels._common import check_float, check_same_device, empty, unsupported_float
 
-__all__ = ["check_mask_errors", "masked_mse", "masked_mse_loss_rows", "unsupported"]
+__all__ = ["check_mask_errors", "masked_mse", "unsupported"]
 
 EPS = 1.0e-6
 REDUCE_BLOCK = 1024
@@ -368,7 +368,7 @@ class MaskedMSEFunction(torch.autograd.Function):
 
 
 def unsupported(pred, imgs, *args) -> str | None:
-    """Why :func:`masked_mse` or :func:`masked_mse_loss_rows` does not take arguments the eager loss accepts
+    """Why :func:`masked_mse` does not take arguments the eager loss accepts
     (a float64 tensor, images that require grad), or None."""
     reason = unsupported_float(pred=pred, imgs=imgs)
     if reason is None and isinstance(imgs, torch.Tensor) and imgs.requires_grad and torch.is_grad_enabled():
@@ -382,68 +382,50 @@ def masked_mse(
     mask: torch.Tensor | None,
     patch_size: int,
     norm_pix_loss: bool = False,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MAE's loss, read from the image for the scored patches only; see :func:`fastmae.reference.masked_mse`.
 
     Args:
-        pred: ``[N, L, p²·C]`` predictions, (i, j, c) order within a patch; any strides, fp32/fp16/bf16.
+        pred: ``[N, R, p²·C]`` predictions, (i, j, c) order within a patch, of every patch (``R = L``) or with
+            ``ids`` of the patches ``ids`` names; any strides, fp32/fp16/bf16.
         imgs: ``[N, C, H, W]``, any strides, fp32/fp16/bf16; must not require grad.
-        mask: ``[N, L]`` weights, 1 = removed (scored), 0 = visible (never read); bool, int or float; None scores
-            every patch. A mask summing to zero raises a ValueError (on CUDA, late: see :func:`check_mask_errors`).
+        mask: ``[N, R]`` weights of pred's rows, 1 = removed (scored), 0 = visible (never read); bool, int or float;
+            None scores every row. A mask summing to zero raises a ValueError (on CUDA, late: see
+            :func:`check_mask_errors`).
         patch_size: p.
         norm_pix_loss: normalize each target patch by its mean and unbiased variance (+1e-6).
+        ids: optional ``[N, R]`` int64 patch indices in ``[0, L)`` (raster order of the patch grid): row r of pred
+            predicts patch ``ids[n, r]``. With the masked patches of a 0/1 mask (and no ``mask``) this is the loss
+            of the full prediction, without the decoder ever predicting the visible patches.
 
     Returns:
         A float32 scalar: ``Σ mask · mean_j (pred − target)² / Σ mask``.
     """
     n, num_rows, _, c, gh, gw = _check(pred, imgs, patch_size, norm_pix_loss)
-    if num_rows != gh * gw:
+    if ids is None and num_rows != gh * gw:
         raise ValueError(f"pred has {num_rows} patches but imgs holds {gh}x{gw} = {gh * gw} of size {patch_size}")
+    if ids is not None:
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            raise TypeError(f"ids must be an int64 tensor [N, R], got {getattr(ids, 'dtype', type(ids).__name__)}")
+        if ids.shape != (n, num_rows) or num_rows == 0:
+            raise ValueError(f"ids must have shape [N, R] = [{n}, {num_rows}] with R ≥ 1, got {list(ids.shape)}")
+        check_same_device(pred=pred, ids=ids)
+        if not ids.is_cuda and ((ids < 0).any() or (ids >= gh * gw).any()):
+            raise ValueError(f"ids must lie in [0, {gh * gw}) (the patches of a {gh}x{gw} grid)")
+        ids = ids.contiguous()
     weights = None
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor [N, L] or None, got {type(mask).__name__}")
+            raise TypeError(f"mask must be a torch.Tensor [N, R] or None, got {type(mask).__name__}")
         if mask.shape != (n, num_rows):
-            raise ValueError(f"mask must have shape [N, L] = [{n}, {num_rows}], got {list(mask.shape)}")
+            raise ValueError(f"mask must have shape [N, R] = [{n}, {num_rows}], got {list(mask.shape)}")
         if mask.is_complex():
             raise TypeError(f"mask must be bool, integer or real floating, got {mask.dtype}")
         check_same_device(pred=pred, mask=mask)
         if mask.requires_grad and torch.is_grad_enabled():
             raise ValueError("mask requires grad, but this loss gives no gradient to the mask; pass mask.detach()")
-        weights = mask.to(torch.float32).contiguous()  # [N, L]
+        weights = mask.to(torch.float32).contiguous()  # [N, R]
     if pred.is_cuda and _pending:
         check_mask_errors(wait=False)
-    return MaskedMSEFunction.apply(pred, imgs, weights, None, patch_size, c, gw, norm_pix_loss).view(())  # []
-
-
-def masked_mse_loss_rows(
-    pred: torch.Tensor,
-    imgs: torch.Tensor,
-    ids: torch.Tensor,
-    patch_size: int,
-    norm_pix_loss: bool = False,
-) -> torch.Tensor:
-    """The same loss when pred holds only the scored patches: ``mean over rows of mean_j (pred − target)²``.
-
-    With ``ids`` the masked patches of a 0/1 mask (e.g. in raster order), this equals
-    ``masked_mse(full_pred, imgs, mask, ...)`` without the decoder ever predicting the visible patches.
-
-    Args:
-        pred: ``[N, M, p²·C]`` predictions of the patches ``ids`` names, (i, j, c) order; any strides.
-        imgs: ``[N, C, H, W]``; must not require grad.
-        ids: ``[N, M]`` int64 patch indices in ``[0, L)`` (raster order of the patch grid).
-        patch_size: p.
-        norm_pix_loss: normalize each target patch by its mean and unbiased variance (+1e-6).
-
-    Returns:
-        A float32 scalar.
-    """
-    n, num_rows, _, c, gh, gw = _check(pred, imgs, patch_size, norm_pix_loss)
-    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
-        raise TypeError(f"ids must be an int64 tensor [N, M], got {getattr(ids, 'dtype', type(ids).__name__)}")
-    if ids.shape != (n, num_rows) or num_rows == 0:
-        raise ValueError(f"ids must have shape [N, M] = [{n}, {num_rows}] with M ≥ 1, got {list(ids.shape)}")
-    check_same_device(pred=pred, ids=ids)
-    if not ids.is_cuda and ((ids < 0).any() or (ids >= gh * gw).any()):
-        raise ValueError(f"ids must lie in [0, {gh * gw}) (the patches of a {gh}x{gw} grid)")
-    return MaskedMSEFunction.apply(pred, imgs, None, ids.contiguous(), patch_size, c, gw, norm_pix_loss).view(())  # []
+    return MaskedMSEFunction.apply(pred, imgs, weights, ids, patch_size, c, gw, norm_pix_loss).view(())  # []

@@ -92,7 +92,7 @@ def _loss(cfg, masking, mode: str, rows: bool) -> None:
             masked = num_patches - masking.ids_keep.shape[1]
             ids = torch.argsort(masking.mask, dim=1, descending=True, stable=True)[:, :masked]  # [N, M]
             pred = _empty(n, masked, p * p * c, dtype=torch.bfloat16, device=dev, grad=True)  # [N, M, p²C]
-            loss = mm.masked_mse_loss_rows(pred, imgs, ids, p, NORM_PIX_LOSS)
+            loss = mm.masked_mse(pred, imgs, None, p, NORM_PIX_LOSS, ids=ids)
         else:
             full = _empty(n, 1 + num_patches, p * p * c, dtype=torch.bfloat16, device=dev, grad=True)  # [N, 1+L, p²C]
             loss = mm.masked_mse(full[:, 1:, :], imgs, masking.mask, p, NORM_PIX_LOSS)
@@ -115,8 +115,9 @@ def _decoder_input(cfg, masking, mode: str, pos_grad: bool = False) -> None:
 
 def run_mae(rec, models: list[str] | None = None, device: str = "cpu") -> None:
     """Make every launch of an MAE step for ``models`` (keys of MODELS) on ``device``, tagging them on ``rec`` (a
-    :class:`tests.compile_harness.LaunchRecorder`) with ``op``, ``model``, ``mode`` (and ``seq``, ``unused``).
-    Launches that MAE never makes are made last and dropped when they repeat one of its own (same code and grid)."""
+    :class:`tests.compile_harness.LaunchRecorder`) with ``op``, ``model``, ``mode`` (and ``seq``, ``variant``,
+    ``unused``). Launches that MAE never makes are made last and dropped when they repeat one of its own (same code
+    and grid)."""
     import torch
 
     from fastmae.configs import get_config
@@ -134,9 +135,9 @@ def run_mae(rec, models: list[str] | None = None, device: str = "cpu") -> None:
                 with rec.tagged(mode=mode):
                     with rec.tagged(op="patch_embed"):
                         _patch_embed(cfg, masking, mode)
-                    with rec.tagged(op="masked_mse"):
+                    with rec.tagged(op="masked_mse", variant="full"):
                         _loss(cfg, masking, mode, rows=False)
-                    with rec.tagged(op="masked_mse_rows"):
+                    with rec.tagged(op="masked_mse", variant="rows"):
                         _loss(cfg, masking, mode, rows=True)
                     with rec.tagged(op="decoder_assembly"):
                         _decoder_input(cfg, masking, mode)
@@ -189,11 +190,11 @@ def _join(values) -> str:
 
 
 def label(launches: list) -> str:
-    """A readable name for launches that share one compiled kernel: ``op.kernel[models,modes,seq,wXsY]``, from the
-    tags of those MAE makes itself (of all, marked ``unused in MAE``, when it makes none)."""
+    """A readable name for launches that share one compiled kernel: ``op.kernel[models,modes,seqs,variants,wXsY]``,
+    from the tags of those MAE makes itself (of all, marked ``unused in MAE``, when it makes none)."""
     used = [ln for ln in launches if not ln.tags.get("unused")] or launches
     first = used[0]
-    parts = [_join(ln.tags.get(k) for ln in used) for k in ("model", "mode", "seq")]
+    parts = [_join(ln.tags.get(k) for ln in used) for k in ("model", "mode", "seq", "variant")]
     parts.append(f"w{first.options['num_warps']}s{first.options['num_stages']}")
     if used is launches and first.tags.get("unused"):
         parts.append(first.tags["unused"])

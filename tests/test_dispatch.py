@@ -57,8 +57,9 @@ def test_attention_head_dim_8_falls_back_once(auto_on_kernels):
         ops.attention("triton", qkv, 16)
 
 
-def _args(op: str, dtype: torch.dtype) -> tuple:
-    """Valid arguments of the ops-level function (after ``impl``) of ``op``: 16×16 images of 8×8 patches, 2 kept."""
+def _args(case: str, dtype: torch.dtype) -> tuple:
+    """Valid arguments of the ops-level function (after ``impl``) of ``case`` (an op; ``masked_mse_rows``: the loss
+    of predictions for the patches ``ids`` names): 16×16 images of 8×8 patches, 2 kept."""
     gen = torch.Generator().manual_seed(1)
 
     def rand(*shape):
@@ -66,48 +67,37 @@ def _args(op: str, dtype: torch.dtype) -> tuple:
 
     imgs = rand(2, 3, 16, 16)
     ids = torch.tensor([[2, 0], [1, 3]], device=DEVICE)  # [N, K] kept (or masked) patch ids
-    if op == "patch_embed":
+    if case == "patch_embed":
         return imgs, ids, rand(8, 3, 8, 8), rand(8), rand(1, 5, 8), rand(1, 1, 8)
-    if op == "attention":
+    if case == "attention":
         return rand(2, 5, 96), 2, None
-    if op == "layer_norm":
+    if case == "layer_norm":
         return rand(2, 3, 8), rand(8), rand(8)
-    if op == "gelu":
+    if case == "gelu":
         return rand(2, 3, 8), rand(8)
     mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]], device=DEVICE, dtype=dtype)
-    if op == "masked_mse":
+    if case == "masked_mse":
         return rand(2, 4, 192), imgs, mask, 8, True
-    if op == "masked_mse_rows":
-        return rand(2, 2, 192), imgs, mask, ids, 8, True
+    if case == "masked_mse_rows":
+        return rand(2, 2, 192), imgs, None, 8, True, ids
     restore = torch.tensor([[3, 0, 2, 1], [1, 2, 0, 3]], device=DEVICE)  # [N, L]
     return rand(2, 3, 8), restore, rand(1, 1, 8), rand(1, 5, 8)
 
 
-FUNCS = {
-    "patch_embed": ops.patch_embed,
-    "attention": ops.attention,
-    "masked_mse": ops.masked_mse,
-    "masked_mse_rows": ops.masked_mse_loss_rows,
-    "decoder_assembly": ops.decoder_assembly,
-    "layer_norm": ops.layer_norm,
-    "gelu": ops.gelu,
-}
+FUNCS = {op: getattr(ops, op) for op in ops.KERNELS}
+CASES = {**{op: op for op in ops.KERNELS}, "masked_mse_rows": "masked_mse"}  # case -> op
 
 
-def _kernel_args(op: str, args: tuple) -> tuple:
-    """The kernel's arguments from the ops-level ones (the rows loss takes no mask)."""
-    return args[:2] + args[3:] if op == "masked_mse_rows" else args
-
-
-@pytest.mark.parametrize("op", list(FUNCS))
-def test_float64_falls_back_for_every_op(auto_on_kernels, op):
+@pytest.mark.parametrize("case", list(CASES))
+def test_float64_falls_back_for_every_op(auto_on_kernels, case):
     """float64 arguments (eager takes them, no kernel does): the eager result, one warning naming the dtype; in
     float32 the same call is the kernel's."""
-    args = _args(op, torch.float64)
+    op = CASES[case]
+    args = _args(case, torch.float64)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         got = [FUNCS[op]("auto", *args) for _ in range(2)]
-        assert ops.use_triton("auto", op, *_kernel_args(op, _args(op, torch.float32)))
+        assert ops.use_triton("auto", op, *_args(case, torch.float32))
     (message,) = fallbacks(record)
     assert op in message and "torch.float64; the kernel takes float32, float16 or bfloat16" in message
     eager = FUNCS[op]("eager", *args)

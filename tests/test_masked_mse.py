@@ -5,7 +5,7 @@ import torch
 
 from fastmae import reference
 from fastmae.kernels._common import poison_outputs
-from fastmae.kernels.masked_mse import check_mask_errors, masked_mse, masked_mse_loss_rows, tiling
+from fastmae.kernels.masked_mse import check_mask_errors, masked_mse, tiling
 from fastmae.masking import random_masking
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error, atol_for
@@ -179,7 +179,7 @@ def test_rows_entry_point_equals_full_loss(p, c, norm):
     rows = torch.gather(full, 1, ids.unsqueeze(-1).expand(-1, -1, full.shape[-1]))  # [N, M, D]
     gscale = full.shape[-1] * float(mask.sum()) / 2
     loss, grad = kernel_run(
-        lambda pr, im, i, pp, nn: masked_mse_loss_rows(pr, im, i, pp, nn), rows, imgs, ids, p, norm, gscale
+        lambda pr, im, i, pp, nn: masked_mse(pr, im, None, pp, nn, ids=i), rows, imgs, ids, p, norm, gscale
     )
     ref_hi = eager_run(full, imgs, mask.double(), p, norm, gscale, torch.float64)
     ref_lo = eager_run(full, imgs, mask, p, norm, gscale, torch.float32)
@@ -192,11 +192,40 @@ def test_rows_entry_point_bad_ids():
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
     rows = pred[:, :3]
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 4\)"):
-        masked_mse_loss_rows(rows, imgs, torch.tensor([[0, 1, 4], [0, 1, 2]]), 8)
+        masked_mse(rows, imgs, None, 8, ids=torch.tensor([[0, 1, 4], [0, 1, 2]]))
     with pytest.raises(TypeError, match="ids must be an int64"):
-        masked_mse_loss_rows(rows, imgs, torch.zeros(2, 3, dtype=torch.int32), 8)
+        masked_mse(rows, imgs, None, 8, ids=torch.zeros(2, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="ids must have shape"):
-        masked_mse_loss_rows(rows, imgs, torch.zeros(2, 2, dtype=torch.int64), 8)
+        masked_mse(rows, imgs, None, 8, ids=torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"mask must have shape \[N, R\] = \[2, 3\]"):
+        masked_mse(rows, imgs, torch.ones(2, 4), 8, ids=torch.zeros(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_with_weights_matches_eager(dtype):
+    """ids with per-row weights (fractional, some zero; repeated patches): the reference's loss of the same rows."""
+    torch.manual_seed(10)
+    p, c, n = 8, 3, 2
+    full, imgs = make(n, c, 3, 4, p, dtype)
+    ids = torch.randint(0, 12, (n, 5))  # [N, R]
+    rows = full[:, :5]  # [N, R, D]
+    weights = torch.rand(n, 5) * (torch.rand(n, 5) > 0.3)
+    weights[0, 0] = 1.0
+    gscale = rows.shape[-1] * float(weights.sum()) / 2
+    pred = rows.detach().clone().requires_grad_()
+    with poison_outputs():
+        loss = masked_mse(pred, imgs, weights, p, True, ids=ids)
+        loss.backward(torch.tensor(gscale))
+    ref = []
+    for dt, w in ((dtype, weights), (torch.float64, weights.double())):
+        r = rows.detach().to(dt).requires_grad_()
+        out = reference.masked_mse(r, imgs.to(torch.float64) if dt == torch.float64 else imgs, w, p, True, ids=ids)
+        out.backward(torch.tensor(gscale, dtype=out.dtype))
+        ref.append((out.detach(), r.grad))
+    (lo, dlo), (hi, dhi) = ref
+    assert_within_eager_error(loss, hi, lo.float(), dtype, "rows loss")
+    assert_within_eager_error(pred.grad, dhi, dlo, dtype, "rows dpred", atol_for(pred.grad, dhi))
+    assert (pred.grad[weights == 0] == 0).all()
 
 
 def bad_cases():
@@ -214,7 +243,7 @@ def bad_cases():
         ((pred[:1], imgs, mask, 8), ValueError, "pred has batch 1, imgs has 2"),
         ((pred[..., :100], imgs, mask, 8), ValueError, r"pred's last dim must be patch_size²·C = 8²·3 = 192"),
         ((pred[:, :3], imgs, mask, 8), ValueError, "pred has 3 patches but imgs holds 2x2"),
-        ((pred, imgs, mask[:, :3], 8), ValueError, r"mask must have shape \[N, L\] = \[2, 4\]"),
+        ((pred, imgs, mask[:, :3], 8), ValueError, r"mask must have shape \[N, R\] = \[2, 4\]"),
         ((pred, imgs, mask.tolist(), 8), TypeError, "mask must be a torch.Tensor"),
         ((pred, imgs, mask.requires_grad_(), 8), ValueError, "mask requires grad"),
         ((pred, imgs.clone().requires_grad_(), torch.ones(2, 4), 8), ValueError, "imgs requires grad"),

@@ -111,6 +111,20 @@ def test_masked_mse_matches_loop(norm_pix):
     assert torch.allclose(all_patches, reference.masked_mse(pred, imgs, torch.ones_like(mask), p, norm_pix))
 
 
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_masked_mse_of_the_masked_rows_equals_the_full_loss(norm_pix):
+    """pred for the masked patches only, with ids naming them: the loss of the full prediction with the 0/1 mask."""
+    torch.manual_seed(1)
+    n, c, p, g = 2, 3, 4, 3
+    imgs = torch.randn(n, c, g * p, g * p, dtype=torch.float64)
+    full = torch.randn(n, g * g, p * p * c, dtype=torch.float64)
+    mask = random_masking(n, g * g, 0.5).mask  # [N, L]
+    ids = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : int(mask[0].sum())]  # [N, M]
+    rows = torch.gather(full, 1, ids.unsqueeze(-1).expand(-1, -1, full.shape[-1]))  # [N, M, p²C]
+    want = reference.masked_mse(full, imgs, mask.double(), p, norm_pix)
+    torch.testing.assert_close(reference.masked_mse(rows, imgs, None, p, norm_pix, ids=ids), want, rtol=1e-12, atol=0)
+
+
 def test_decoder_assembly_matches_loop():
     torch.manual_seed(0)
     n, num, keep, d = 2, 6, 3, 3
