@@ -232,7 +232,7 @@ def _sdpa(qkv: torch.Tensor, num_heads: int, *, backend: str) -> torch.Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(getattr(SDPBackend, backend)):
-        return ops.sdpa_attention(qkv, num_heads)  # the eager model's permutes around SDPA: [B, N, H·d]
+        return reference.sdpa_attention(qkv, num_heads)  # the eager model's permutes around SDPA: [B, N, H·d]
 
 
 def provider_fn(op: str, provider: str, device: torch.device) -> Callable:

@@ -21,7 +21,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 
@@ -132,15 +131,6 @@ def use_triton(impl: str, op: str, x: torch.Tensor, *args) -> bool:
     return True
 
 
-def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
-    """The eager model's attention: ``reference.attention``'s math through ``F.scaled_dot_product_attention``."""
-    b, n, three_hd = qkv.shape
-    d = three_hd // (3 * num_heads)
-    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, N, d]
-    return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
-
-
 def patch_embed(impl: str, imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.Tensor:
     """See :func:`fastmae.reference.patch_embed`."""
     args = (imgs, ids_keep, weight, bias, pos_embed, cls_token)
@@ -149,8 +139,9 @@ def patch_embed(impl: str, imgs, ids_keep, weight, bias, pos_embed, cls_token) -
 
 
 def attention(impl: str, qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
-    """See :func:`fastmae.reference.attention`; the eager path uses SDPA."""
-    fn = triton_kernel("attention") if use_triton(impl, "attention", qkv, num_heads, scale) else sdpa_attention
+    """See :func:`fastmae.reference.attention`; the eager path is :func:`fastmae.reference.sdpa_attention`."""
+    use = use_triton(impl, "attention", qkv, num_heads, scale)
+    fn = triton_kernel("attention") if use else reference.sdpa_attention
     return fn(qkv, num_heads, scale)
 
 

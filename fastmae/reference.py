@@ -27,6 +27,7 @@ __all__ = [
     "masked_mse",
     "patch_embed",
     "patchify",
+    "sdpa_attention",
     "unpatchify",
 ]
 
@@ -108,6 +109,16 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     attn = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, N]
     attn = attn.softmax(dim=-1)
     out = attn @ v  # [B, H, N, d]
+    return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
+
+
+def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """:func:`attention` through ``F.scaled_dot_product_attention``, as timm's attention computes it: the eager form
+    :class:`fastmae.MAE` runs under ``impl="eager"``. Same arguments and result."""
+    b, n, three_hd = qkv.shape
+    d = three_hd // (3 * num_heads)
+    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, N, d]
     return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
 
 
