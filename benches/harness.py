@@ -30,6 +30,7 @@ import torch
 
 from fastmae import MAE, get_config, ops, reference
 from fastmae.configs import MAEConfig
+from fastmae.kernels._common import interpreting
 from fastmae.masking import num_kept, random_masking
 from fastmae.pos_embed import sincos_2d
 from fastmae.schedule import build_adamw
@@ -202,7 +203,7 @@ def kernel_module(op: str) -> str | None:
 
 
 def _need_triton(device: torch.device) -> None:
-    if device.type != "cuda" and not ops.interpreter_on():
+    if device.type != "cuda" and not interpreting():
         raise Unavailable("Triton kernels need CUDA, or TRITON_INTERPRET=1 on the CPU")
 
 

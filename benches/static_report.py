@@ -23,7 +23,7 @@ from tests import mae_launches  # noqa: E402
 from tests.static_analysis import H100  # noqa: E402
 
 COMMAND = "make static` (`.venv/bin/python -m benches.static_report`)"
-OP_ORDER = ("patch_embed", "attention", "masked_mse", "decoder_assembly")
+OP_ORDER = ("patch_embed", "layer_norm", "attention", "gelu", "masked_mse", "decoder_assembly")
 TILE_PREFIXES = ("BLOCK", "TAIL")
 
 

@@ -9,7 +9,8 @@ after ``import fastmae`` and nothing touches the GPU at import.
 Under ``"auto"`` each kernel module's ``unsupported(*args)`` names what its kernel does not take among arguments
 the eager op accepts (an attention head dim outside 16..128, float64 tensors, ...) from shapes, dtypes and flags
 alone: no GPU sync, a few integer comparisons per call, and under ``torch.compile`` decided once per traced shape.
-The op then runs its eager form, with one :class:`EagerFallbackWarning` per (op, reason).
+The op then runs its eager form, with one :class:`EagerFallbackWarning` per (op, reason). Values (indices, masks)
+are not looked at here: the kernels' policy for bad ones is in :mod:`fastmae.kernels._common`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
+
+from fastmae.kernels._common import interpreting
 
 from . import reference
 
@@ -45,11 +48,6 @@ def resolve_impl(impl: str) -> str:
         source = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "impl"
         raise ValueError(f"{source} must be one of {IMPLS}, got {chosen!r}")
     return chosen
-
-
-def interpreter_on() -> bool:
-    """Whether Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # op name -> (kernel, its module's ``unsupported`` check), or None without a kernel; filled by has_kernel.
@@ -100,7 +98,7 @@ def _warn_fallback(op: str, reason: str) -> bool:
 
 def check_device(impl: str, x: torch.Tensor) -> None:
     """Raise a clear error when ``impl="triton"`` is asked for where kernels cannot run."""
-    if impl == "triton" and not x.is_cuda and not interpreter_on():
+    if impl == "triton" and not x.is_cuda and not interpreting():
         raise RuntimeError(
             f"impl='triton' needs CUDA tensors (got a tensor on {x.device}); use impl='auto' or 'eager', "
             "or set TRITON_INTERPRET=1 before importing fastmae's kernels to run them on the CPU"

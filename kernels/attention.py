@@ -59,27 +59,6 @@ TF32 MMAs per product, ~2^-21 relative error per product): plain TF32 (~1e-3) wo
 kernel's error stays within twice the eager fp32 op's (cuBLAS does not use TF32 by default), and IEEE FMA dots
 compile for minutes at 128-wide padded tiles and spill heavily. An emulation of 3xTF32 at MAE's shapes gives
 errors at or below eager fp32's. Under the interpreter every dot is an exact fp32 numpy matmul.
-
-Torch integration: the forward and the backward are each a ``torch.library.triton_op`` (``fastmae::attention_fwd``
-and ``fastmae::attention_bwd``) launching the kernels through ``wrap_triton``, tied together by a
-``torch.autograd.Function`` with ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")``. triton_op gives
-``torch.compile`` a traceable op with an automatic fake implementation (no graph break) that Inductor decomposes
-into the Triton kernels themselves (it schedules and autotunes them), while the autograd.Function keeps autograd
-and AMP in the form every fastmae kernel uses. Under ``TRITON_INTERPRET=1`` (CPU) interpreted kernels cannot be
-traced into, so the same bodies are registered as opaque ``torch.library.custom_op``s instead (fake: the body with
-launches skipped); torch.compile (e.g. ``backend="aot_eager"``) still captures one graph, and the autotuner is
-bypassed (first config, or the one forced by :func:`force_config`).
-
-Tuning (H100, bf16, not yet measured on a GPU): B·H is in the thousands (batch 256, 12..16 heads), so per-head
-parallelism is ample and tiles are sized to the sequence, not for long-sequence reuse. 64-row tiles map onto one
-Hopper warpgroup's wgmma (m64); k and v of a head are re-read by its 1..5 query programs from L2. Autotune
-candidates (keyed on N, d and dtype) differ only in launch options, so the tiling and tail sizes are fixed by N:
-4 warps (one warpgroup, fewer registers per tile, more resident CTAs) or 8 (two warpgroups splitting the 64-wide
-tile, shorter per-thread dependency chains); 2 stages where a loop over full tiles exists (197/257 tokens) to
-prefetch the next k/v (or q/dout) tile while the current one is in the tensor cores, 1 in the one-shot fused
-backward. With 16-byte aligned rows (3·H·d and H·d multiples of 8) all loads are 128-bit vectors; ptxas reports no
-spills for the fp16/bf16 configs on sm_90 except ~76 B in the 4-warp dK/dV kernel at d = 80/128. fp32 uses one
-small config per kernel (32-wide tiles, no autotuning; its operands take twice the shared memory).
 """
 
 from __future__ import annotations
@@ -91,8 +70,7 @@ from collections.abc import Iterator
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from fastmae.kernels._attention_tiles import (
     dkdv_step,
@@ -103,7 +81,15 @@ from fastmae.kernels._attention_tiles import (
     store_stats,
     store_tile,
 )
-from fastmae.kernels._common import check_float, empty, interpreting, unsupported_float
+from fastmae.kernels._common import (
+    check_device,
+    check_float,
+    empty,
+    interpreting,
+    launch_skipped,
+    register_op,
+    unsupported_float,
+)
 
 LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -332,6 +318,17 @@ def _opts(num_warps: int, num_stages: int) -> triton.Config:
     return triton.Config({}, num_warps=num_warps, num_stages=num_stages)
 
 
+# Tuning (H100, bf16, not yet measured on a GPU): B·H is in the thousands (batch 256, 12..16 heads), so per-head
+# parallelism is ample and tiles are sized to the sequence, not for long-sequence reuse. 64-row tiles map onto one
+# Hopper warpgroup's wgmma (m64); k and v of a head are re-read by its 1..5 query programs from L2. Autotune
+# candidates (keyed on N, d and dtype) differ only in launch options, so the tiling and tail sizes are fixed by N: 4
+# warps (one warpgroup, fewer registers per tile, more resident CTAs) or 8 (two warpgroups splitting the 64-wide tile,
+# shorter per-thread dependency chains); 2 stages where a loop over full tiles exists (197/257 tokens) to prefetch the
+# next k/v (or q/dout) tile while the current one is in the tensor cores, 1 in the one-shot fused backward. With
+# 16-byte aligned rows (3·H·d and H·d multiples of 8) all loads are 128-bit vectors; ptxas reports no spills for the
+# fp16/bf16 configs on sm_90 except ~76 B in the 4-warp dK/dV kernel at d = 80/128. fp32 uses one small config per
+# kernel (32-wide tiles, no autotuning; its operands take twice the shared memory).
+#
 # Autotune candidates per kernel: launch options only. The tiling is fixed by N (see ``tiling``), so the tail tile
 # is sized to the sequence and results do not depend on which candidate wins.
 CONFIGS = {
@@ -415,7 +412,7 @@ def _launch(name: str, dtype: torch.dtype, grid, args: tuple, consts: dict) -> N
     cfg = tuner.configs[min(index or 0, len(tuner.configs) - 1)]
     if not _INTERPRETED:
         wrap_triton(tuner.fn)[grid](*args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    elif not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):  # fake: see _op
+    elif not launch_skipped(*args):
         tuner.fn[grid](*args, **consts)
 
 
@@ -426,19 +423,57 @@ def _consts(dtype: torch.dtype, head_dim: int) -> dict:
     return {"HEAD_DIM": head_dim, "D_PAD": triton.next_power_of_2(head_dim), "PRECISION": precision, "EXACT_P": exact}
 
 
-def _op(name: str):
-    """``triton_op`` (Inductor sees and schedules the kernels). Interpreted kernels launch eagerly and cannot be
-    traced into, so under ``TRITON_INTERPRET`` the op is an opaque ``custom_op`` instead, its fake implementation
-    the same body with the launches skipped (fake tensors have shapes only): torch.compile still traces it."""
+def _shape_limit(qkv: torch.Tensor, num_heads: int) -> str | None:
+    """What the kernels cannot take of a well-formed ``qkv [B, N, 3·H·d]`` the eager op can, or None."""
+    _, n, three_hd = qkv.shape
+    d = three_hd // (3 * num_heads)
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        return f"head dim d = {three_hd} / (3 * {num_heads}) = {d} must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    if n * max(qkv.stride(1), three_hd) >= 2**31:
+        return f"qkv with N = {n} tokens of row stride {qkv.stride(1)} overflows the kernels' int32 offsets"
+    return None
 
-    def wrap(fn):
-        if not _INTERPRETED:
-            return triton_op(name, mutates_args=())(fn)
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fn)
-        return op
 
-    return wrap
+def unsupported(qkv, num_heads, scale=None) -> str | None:
+    """Why :func:`attention` does not take arguments the eager op accepts (a head dim outside [16, 128], a
+    sequence past int32 offsets, float64), from shapes and dtypes alone; None when it does or when they are
+    malformed (both then raise)."""
+    reason = unsupported_float(qkv=qkv)
+    if reason is not None or not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        return reason
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+        return None
+    if qkv.shape[-1] % (3 * num_heads) != 0 or qkv.shape[1] < 1:
+        return None
+    return _shape_limit(qkv, num_heads)
+
+
+def _check(qkv, num_heads, scale) -> float:
+    """Raise a clear TypeError/ValueError for arguments the kernels do not take; return the scale."""
+    check_float("qkv", qkv)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads <= 0:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be 3-D [B, N, 3·H·d], got shape {tuple(qkv.shape)}")
+    b, n, three_hd = qkv.shape
+    if three_hd % (3 * num_heads) != 0:
+        raise ValueError(f"qkv's last dim {three_hd} must be divisible by 3 * num_heads = {3 * num_heads}")
+    d = three_hd // (3 * num_heads)
+    if n < 1:
+        raise ValueError(f"qkv must hold at least one token (N >= 1), got shape {tuple(qkv.shape)}")
+    limit = _shape_limit(qkv, num_heads)
+    if limit is not None:
+        raise ValueError(limit)
+    check_device("qkv", qkv, _INTERPRETED)
+    if scale is None:
+        return d**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
 
 
 def _launch_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,36 +520,9 @@ def _launch_bwd(
     return dqkv
 
 
-attention_fwd = _op("fastmae::attention_fwd")(_launch_fwd)
-attention_bwd = _op("fastmae::attention_bwd")(_launch_bwd)
-
-
-def _shape_limit(qkv: torch.Tensor, num_heads: int) -> str | None:
-    """What the kernels cannot take of a well-formed ``qkv [B, N, 3·H·d]`` the eager op can, or None."""
-    _, n, three_hd = qkv.shape
-    d = three_hd // (3 * num_heads)
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        return f"head dim d = {three_hd} / (3 * {num_heads}) = {d} must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
-    if n * max(qkv.stride(1), three_hd) >= 2**31:
-        return f"qkv with N = {n} tokens of row stride {qkv.stride(1)} overflows the kernels' int32 offsets"
-    return None
-
-
-def unsupported(qkv, num_heads, scale=None) -> str | None:
-    """Why :func:`attention` does not take arguments the eager op accepts (a head dim outside [16, 128], a
-    sequence past int32 offsets, float64), from shapes and dtypes alone; None when it does or when they are
-    malformed (both then raise)."""
-    reason = unsupported_float(qkv=qkv)
-    if reason is not None or not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
-        return reason
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-        return None
-    if qkv.shape[-1] % (3 * num_heads) != 0 or qkv.shape[1] < 1:
-        return None
-    return _shape_limit(qkv, num_heads)
-
-
 class AttentionFunction(torch.autograd.Function):
+    """Autograd of the fused op on unit-stride ``qkv``."""
+
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
@@ -532,6 +540,16 @@ class AttentionFunction(torch.autograd.Function):
         return attention_bwd(qkv, out, stats, dout, ctx.num_heads, ctx.scale), None, None
 
 
+# Torch integration (see fastmae.kernels._common.register_op): each op is a torch.library.triton_op, which gives
+# torch.compile a traceable op with an automatic fake implementation (no graph break) that Inductor decomposes into
+# the Triton kernels themselves (it schedules and autotunes them), while AttentionFunction keeps autograd and AMP
+# (custom_fwd/custom_bwd) in the form every fastmae kernel uses. Under TRITON_INTERPRET=1 the same bodies are opaque
+# custom_ops, so torch.compile (e.g. backend="aot_eager") still captures one graph, and the autotuner is bypassed
+# (first config, or the one forced by force_config).
+attention_fwd = register_op("fastmae::attention_fwd")(_launch_fwd)
+attention_bwd = register_op("fastmae::attention_bwd")(_launch_bwd)
+
+
 def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
     """Multi-head self-attention from the packed qkv projection; the fused form of ``fastmae.reference.attention``.
 
@@ -546,32 +564,9 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
         ``[B, N, H·d]`` = softmax(q·kᵀ·scale)·v per head, heads concatenated (the proj Linear's input layout), in
         qkv's dtype. Differentiable with respect to qkv.
     """
-    check_float("qkv", qkv)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
-    if num_heads <= 0:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    if qkv.dim() != 3:
-        raise ValueError(f"qkv must be 3-D [B, N, 3·H·d], got shape {tuple(qkv.shape)}")
-    b, n, three_hd = qkv.shape
-    if three_hd % (3 * num_heads) != 0:
-        raise ValueError(f"qkv's last dim {three_hd} must be divisible by 3 * num_heads = {3 * num_heads}")
-    d = three_hd // (3 * num_heads)
-    if n < 1:
-        raise ValueError(f"qkv must hold at least one token (N >= 1), got shape {tuple(qkv.shape)}")
-    limit = _shape_limit(qkv, num_heads)
-    if limit is not None:
-        raise ValueError(limit)
-    if scale is None:
-        scale = d**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    elif not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if qkv.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"qkv must be a CUDA tensor (got one on {qkv.device}); set TRITON_INTERPRET=1 for the CPU")
+    scale = _check(qkv, num_heads, scale)
     if qkv.is_cuda and qkv.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
         qkv = qkv.to(torch.get_autocast_dtype("cuda"))  # as autocast runs SDPA and matmuls: in its dtype
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    return AttentionFunction.apply(qkv, num_heads, float(scale))
+    return AttentionFunction.apply(qkv, num_heads, scale)

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fastmae import reference
+from fastmae.kernels import check_errors
+from fastmae.kernels import decoder_assembly as da
 from fastmae.kernels._common import poison_outputs
 from fastmae.kernels.decoder_assembly import decoder_assembly, tiling
 from tests.compile_harness import KernelSpec, assert_compiles
@@ -134,6 +136,45 @@ def test_bad_inputs(args, exc, match):
         decoder_assembly(*args)
 
 
+def test_bad_ids_on_the_device_path_give_nan_rows_and_a_flag(monkeypatch):
+    """Without the host check (as on CUDA): entries outside [0, L) address nothing, their rows come out NaN, the
+    others exact, and the kernel's flag makes check_errors() raise once naming the op; FASTMAE_CHECK=1 raises at
+    the call."""
+    monkeypatch.setattr(da, "host_checks", lambda *tensors: False)
+    check_errors()
+    x, ids, tok, pos = make(2, 6, 2, 8, torch.float32)
+    good, ids_ok = reference.decoder_assembly(x, ids, tok, pos), ids.clone()
+    ids[0, 3], ids[1, 0] = 99, -1
+    with poison_outputs():
+        out = decoder_assembly(x, ids, tok, pos)
+    bad = torch.zeros(2, 7, dtype=torch.bool)
+    bad[0, 4] = bad[1, 1] = True
+    assert torch.isnan(out[bad]).all() and torch.equal(out[~bad], good[~bad])
+    with pytest.raises(ValueError, match=r"decoder_assembly on cpu: ids_restore holds an index outside \[0, L\)"):
+        check_errors()
+    check_errors()  # reported once
+    monkeypatch.setenv("FASTMAE_CHECK", "1")
+    with pytest.raises(ValueError, match="decoder_assembly on cpu"):
+        decoder_assembly(x, ids, tok, pos)
+    assert torch.equal(decoder_assembly(x, ids_ok, tok, pos), good)  # valid: no error
+
+
+def test_torch_compile_captures_one_graph():
+    """The registered ops (opaque custom ops under the interpreter): torch.compile(fullgraph=True) traces the op,
+    its checks and error flag included, in one graph; output and gradients equal the uncompiled op's."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    x, ids, tok, pos = make(2, 9, 3, 16, torch.float32, pos_grad=True)
+    gout = torch.randn(2, 10, 16)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    got = grads_of(torch.compile(decoder_assembly, backend=counter, fullgraph=True), x, ids, tok, pos, gout)
+    want = grads_of(decoder_assembly, x, ids, tok, pos, gout)
+    assert counter.frame_count == 1
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
 def compile_specs():
     """Every tile config for MAE's decoder widths (64 .. 512), in fp32/fp16/bf16 and autocast's mixed form."""
     fwd_ints = ["K", "L", "Dd", "s_xn", "s_xt", "s_xd", "s_rn", "s_rl", "s_kd", "s_pt", "s_pd"]
@@ -144,7 +185,8 @@ def compile_specs():
         cx = {"BLOCK_T": block_t, "BLOCK_D": block_d}
         for x_t, p_t in [("*fp32", "*fp32"), ("*bf16", "*fp32"), ("*fp16", "*fp16"), ("*bf16", "*bf16")]:
             out_t = p_t
-            sig = {"X": x_t, "IDS": "*i64", "TOK": p_t, "POS": p_t, "OUT": out_t, **dict.fromkeys(fwd_ints, "i32")}
+            sig = {"X": x_t, "IDS": "*i64", "TOK": p_t, "POS": p_t, "OUT": out_t, "ERR": "*i32"}
+            sig.update(dict.fromkeys(fwd_ints, "i32"))
             specs.append(KernelSpec(MOD, "_fwd_kernel", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, warps))
             sig = {"G": out_t, "IDS": "*i64", "DX": x_t, "PART": "*fp32", **dict.fromkeys(bwd_ints, "i32")}
             specs.append(KernelSpec(MOD, "_bwd_kernel", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, warps))
@@ -182,8 +224,11 @@ def test_cuda_vit_shapes_bf16_twice(model, param_dtype):
 
 @pytest.mark.cuda
 def test_cuda_out_of_range_ids_give_nan_rows_not_faults():
+    check_errors()
     x, ids, tok, pos = make(2, 6, 2, 8, torch.float32, device="cuda")
     ids[0, 3] = 99
     out = decoder_assembly(x, ids, tok, pos)
     torch.cuda.synchronize()
     assert torch.isnan(out[0, 4]).all() and torch.isfinite(out[0, :4]).all() and torch.isfinite(out[1]).all()
+    with pytest.raises(ValueError, match="decoder_assembly on cuda"):
+        check_errors()

@@ -6,13 +6,18 @@ so the choice, the checks and the kernels run for real; the ``cuda`` tests take 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
 from fastmae import MAE, ops, reference
+from fastmae.kernels._common import interpreting
 from tests.tolerance import assert_within_eager_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +31,7 @@ def auto_on_kernels(monkeypatch):
     monkeypatch.delenv("FASTMAE_IMPL", raising=False)
     monkeypatch.setattr(ops, "_warned", set())
     if DEVICE == "cpu":
-        assert ops.interpreter_on()
+        assert interpreting()
         monkeypatch.setattr(ops, "auto_device", lambda x: True)
 
 
@@ -244,3 +249,28 @@ def test_torch_compile_traces_the_choice(auto_on_kernels, heads):
 def test_torch_compile_inductor_traces_the_choice_cuda(auto_on_kernels, heads):
     messages = check_compiled("inductor", heads)
     assert len(messages) == (1 if heads == 16 else 0)
+
+
+REGISTERED = {
+    "fastmae::patch_embed_fwd": ["_fwd_kernel"],
+    "fastmae::patch_embed_bwd": ["_bwd_dimg_kernel", "_bwd_dw_kernel", "_bwd_reduce_kernel"],
+    "fastmae::masked_mse_fwd": ["_fwd_kernel", "_fwd_reduce_kernel"],
+    "fastmae::masked_mse_bwd": ["_bwd_kernel"],
+    "fastmae::decoder_assembly_fwd": ["_fwd_kernel"],
+    "fastmae::decoder_assembly_bwd": ["_bwd_kernel", "_bwd_sum_kernel"],
+}
+
+
+def test_compiled_build_registers_triton_ops_with_their_kernels():
+    """Without the interpreter (as on a GPU) the forward and backward of the patch embedding, the loss and the
+    decoder assembly are triton_ops, and torch.library finds every kernel they launch (torch.compile's cache keys
+    hash their sources). Imported in a subprocess: this one is interpreted."""
+    code = "import json, torch._library.triton as t\n"
+    code += "import fastmae.kernels.patch_embed, fastmae.kernels.masked_mse, fastmae.kernels.decoder_assembly\n"
+    code += f"for op in {list(REGISTERED)!r}:\n"
+    code += "    print(json.dumps(sorted(k.fn.__name__ for k in t.get_triton_kernels_for_op(op))))\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = [json.loads(line) for line in proc.stdout.splitlines()[-len(REGISTERED) :]]
+    assert dict(zip(REGISTERED, found)) == REGISTERED

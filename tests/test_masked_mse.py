@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from fastmae import reference
+from fastmae.kernels import check_errors
+from fastmae.kernels import masked_mse as mm
 from fastmae.kernels._common import poison_outputs
-from fastmae.kernels.masked_mse import check_mask_errors, masked_mse, tiling
+from fastmae.kernels.masked_mse import masked_mse, tiling
 from fastmae.masking import random_masking
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error, atol_for
@@ -157,6 +159,54 @@ def test_all_zero_mask_raises():
         masked_mse(pred, imgs, torch.tensor([[1.0, -1, 0, 0], [0, 0, 0, 0]]), 8, False)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the 0/0 it computes
+def test_bad_ids_and_zero_mask_on_the_device_path_are_flagged(monkeypatch):
+    """Without the host checks (as on CUDA): an all-zero mask gives a NaN loss, an id outside [0, L) a NaN loss and
+    NaN gradient row and no read out of bounds; each sets its flag, which check_errors() reports once, naming the op
+    and the error. FASTMAE_CHECK=1 raises at the call."""
+    monkeypatch.setattr(mm, "host_checks", lambda *tensors: False)
+    check_errors()
+    pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
+    assert torch.isnan(masked_mse(pred, imgs, torch.zeros(2, 4), 8, True))
+    with pytest.raises(ValueError, match=r"masked_mse on cpu: the mask sums to zero \(no patch is scored\)$"):
+        check_errors()
+    rows = pred[:, :3].clone().requires_grad_()
+    ids = torch.tensor([[0, 1, 4], [0, -7, 2]])
+    with poison_outputs():
+        loss = masked_mse(rows, imgs, None, 8, True, ids=ids)
+        loss.backward()
+    assert torch.isnan(loss) and torch.isnan(rows.grad[0, 2]).all() and torch.isnan(rows.grad[1, 1]).all()
+    with pytest.raises(ValueError, match=r"masked_mse on cpu: ids holds a patch index outside \[0, L\)$"):
+        check_errors()
+    check_errors()  # reported once
+    monkeypatch.setenv("FASTMAE_CHECK", "1")
+    with pytest.raises(ValueError, match="masked_mse on cpu: the mask sums to zero"):
+        masked_mse(pred, imgs, torch.zeros(2, 4), 8, False)
+    masked_mse(pred, imgs, torch.ones(2, 4), 8, False)  # valid: no error
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the 0/0 it computes
+def test_torch_compile_captures_one_graph():
+    """The registered ops (opaque custom ops under the interpreter): torch.compile(fullgraph=True) traces the loss in
+    one graph, equal to the uncompiled loss; while compiling nothing is checked on the host, so an all-zero mask is
+    flagged on the device like on CUDA."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    check_errors()
+    pred, imgs = make(2, 3, 2, 3, 8, torch.float32)
+    mask = random_mask(2, 6)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(masked_mse, backend=counter, fullgraph=True)
+    got = kernel_run(compiled, pred, imgs, mask, 8, True, 3.0)
+    want = kernel_run(masked_mse, pred, imgs, mask, 8, True, 3.0)
+    assert counter.frame_count == 1
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.isnan(compiled(pred, imgs, torch.zeros(2, 6), 8, True))
+    with pytest.raises(ValueError, match="masked_mse on cpu: the mask sums to zero"):
+        check_errors()
+
+
 @pytest.mark.parametrize("norm", [False, True])
 def test_deterministic(norm):
     torch.manual_seed(7)
@@ -272,7 +322,7 @@ def compile_specs():
         block_r, block_d, warps = tiling(p * p * c)
         sig = {"PRED": pred_t, "IMGS": img_t, "MASK": "*fp32", "IDS": "*i64"}
         if kernel == "_fwd_kernel":
-            sig.update({"PART": "*fp32", **{k: "i32" for k in ints}})
+            sig.update({"PART": "*fp32", "ERR": "*i32", **{k: "i32" for k in ints}})
         else:
             sig.update({"GRAD": "*fp32", "WSUM": "*fp32", "DPRED": pred_t})
             sig.update({k: "i32" for k in ints if k != "num_programs"})
@@ -287,7 +337,8 @@ def compile_specs():
         for p, c in [(8, 1), (8, 3), (16, 3)]:  # one per tile config
             specs.append(spec(kernel, "*fp16", "*fp16", p, c))
             specs.append(spec(kernel, "*fp32", "*fp32", p, c, norm=False, has_mask=False, has_ids=True))
-    reduce_sig = {"PART": "*fp32", "LOSS": "*fp32", "WSUM": "*fp32", "num_programs": "i32", "BLOCK": "constexpr"}
+    reduce_sig = {"PART": "*fp32", "LOSS": "*fp32", "WSUM": "*fp32", "ERR": "*i32", "num_programs": "i32"}
+    reduce_sig["BLOCK"] = "constexpr"
     specs.append(KernelSpec(MOD, "_fwd_reduce_kernel", reduce_sig, {"BLOCK": 1024}))
     return specs
 
@@ -326,9 +377,10 @@ def test_cuda_fp16_and_fp32_all_configs():
 
 @pytest.mark.cuda
 def test_cuda_all_zero_mask_raises_late():
+    check_errors()
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32, "cuda")
     loss = masked_mse(pred, imgs, torch.zeros(2, 4, device="cuda"), 8, False)
     assert torch.isnan(loss)
-    with pytest.raises(ValueError, match="mask sums to zero"):
-        check_mask_errors()
-    check_mask_errors()  # reported once
+    with pytest.raises(ValueError, match="masked_mse on cuda:0: the mask sums to zero"):
+        check_errors()
+    check_errors()  # reported once

@@ -8,6 +8,7 @@ import torch
 
 import fastmae
 from fastmae import ops, reference
+from fastmae.kernels import check_errors
 from fastmae.kernels import patch_embed as pe
 from fastmae.kernels._common import poison_outputs
 from tests.compile_harness import KernelSpec, assert_compiles
@@ -171,6 +172,41 @@ def test_pos_embed_gradient_is_refused_but_no_grad_works():
     torch.testing.assert_close(out, reference.patch_embed(**inputs))
 
 
+def test_bad_ids_on_the_device_path_give_nan_rows_and_a_flag(monkeypatch):
+    """Without the host check (as on CUDA): kept indices outside [0, L) read nothing out of bounds, their rows come
+    out NaN and the others exact, gradients stay finite (the bad rows add nothing to dW), and check_errors() raises
+    once naming the op."""
+    monkeypatch.setattr(pe, "host_checks", lambda *tensors: False)
+    check_errors()
+    inputs, dout = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=9)
+    good = pe.patch_embed(**inputs)
+    ids = inputs["ids_keep"].clone()
+    ids[0, 1], ids[1, 2] = 4, -1
+    with poison_outputs():
+        out, got = run(pe.patch_embed, {**inputs, "ids_keep": ids}, dout)
+    bad = torch.zeros(2, 4, dtype=torch.bool)
+    bad[0, 2] = bad[1, 3] = True
+    assert torch.isnan(out[bad]).all() and torch.equal(out[~bad], good[~bad])
+    assert all(torch.isfinite(g).all() for g in got.values())
+    with pytest.raises(ValueError, match=r"patch_embed on cpu: ids_keep holds a patch index outside \[0, L\)$"):
+        check_errors()
+    check_errors()  # reported once
+
+
+def test_torch_compile_captures_one_graph():
+    """The registered ops (opaque custom ops under the interpreter): torch.compile(fullgraph=True) traces the op,
+    its checks and error flag included, in one graph; output and gradients equal the uncompiled op's."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    inputs, dout = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=12)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    out, got = run(torch.compile(pe.patch_embed, backend=counter, fullgraph=True), inputs, dout)
+    ref, want = run(pe.patch_embed, inputs, dout)
+    assert counter.frame_count == 1
+    assert torch.equal(out, ref) and all(torch.equal(got[k], want[k]) for k in GRAD_NAMES)
+
+
 def _bad_inputs():
     inputs, _ = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=8)
     cases = {
@@ -272,7 +308,7 @@ def _specs():
         b_rows, b_cols, b_red, warps, stages = pe.CONFIGS[cfg]
         t = "*" + ty
         common = dict(P=p, CT=ct, ALLOW_TF32=True)
-        fwd = {"IMG": t, "IDS": "*i64", "W": t, "B": t, "POS": t, "CLS": t, "OUT": t}
+        fwd = {"IMG": t, "IDS": "*i64", "W": t, "B": t, "POS": t, "CLS": t, "OUT": t, "ERR": "*i32"}
         dw = {"IMG": t, "IDS": "*i64", "G": t, "WS": "*fp32"}
         dimg = {"G": t, "W": t, "START": "*i64", "CNT": "*i64", "PERM": "*i64", "DIMG": t}
         tiles = [

@@ -32,6 +32,9 @@ KNOWN_SPILLS = {
 
 _IMG14 = "P=14: a patch row is 28 B of the 448-B image row"
 _IDS_R = "ids_restore rows gathered at t-1"
+_IDS_FLAG = "IDS: 8-B loads (the rows' patch indices, loaded again for the error flag)"
+_LN_STATS = "Mean/Rstd: one fp32 per row, 1-4 rows per tile"
+_LN_PARAMS = "W/B: 8-B loads (the bf16 [D] parameters, once per tile)"
 KNOWN_NARROW = {
     "patch_embed.bwd_reduce_kernel[vit_b16+vit_l16+vit_h14,bf16,w4s3]": "G (dout): 8-B loads in the dcls loop",
     "patch_embed.fwd_kernel[vit_h14,bf16,w8s3]": f"IMG: 2-B loads ({_IMG14})",
@@ -40,6 +43,27 @@ KNOWN_NARROW = {
     "patch_embed.bwd_dw_kernel[vit_h14,amp,w8s3]": f"IMG: 4-B loads ({_IMG14}, fp32); IDS: 8-B loads",
     "patch_embed.bwd_dimg_kernel[vit_h14,bf16,w8s3,unused in MAE]": "PERM: 8-B loads",
     "patch_embed.bwd_dimg_kernel[vit_h14,amp,w8s3,unused in MAE]": "PERM: 8-B loads",
+    "layer_norm.bwd_kernel[vit_b16,bf16,enc,plain+final,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_b16,bf16,enc,residual,w4s3]": _LN_STATS,
+    "layer_norm.fwd_kernel[vit_b16+vit_l16+vit_h14,bf16,dec,plain+final,w4s3]": _LN_PARAMS,
+    "layer_norm.bwd_kernel[vit_b16+vit_l16+vit_h14,bf16,dec,plain+final,w4s3]": _LN_STATS,
+    "layer_norm.fwd_kernel[vit_b16+vit_l16+vit_h14,bf16,dec,residual,w4s3]": _LN_PARAMS,
+    "layer_norm.bwd_kernel[vit_b16+vit_l16+vit_h14,bf16,dec,residual,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_b16,amp,enc,plain,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_b16,amp,enc,residual,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_b16,amp,enc,final,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_b16+vit_l16+vit_h14,amp,dec,plain+final,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_b16+vit_l16+vit_h14,amp,dec,residual,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_l16,bf16,enc,plain+final,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_l16,bf16,enc,residual,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_l16,amp,enc,plain,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_l16,amp,enc,residual,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_l16,amp,enc,final,w4s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_h14,bf16,enc,plain+final,w8s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_h14,bf16,enc,residual,w8s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_h14,amp,enc,plain,w8s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_h14,amp,enc,residual,w8s3]": _LN_STATS,
+    "layer_norm.bwd_kernel[vit_h14,amp,enc,final,w8s3]": _LN_STATS,
     "masked_mse.fwd_kernel[vit_b16+vit_l16,bf16,full,w8s3]": "PRED: 2-B loads ((i, j, c) gather); MASK: 4-B loads",
     "masked_mse.bwd_kernel[vit_b16+vit_l16,bf16,full,w8s3]": "PRED: 2-B loads ((i, j, c) gather); MASK: 4-B loads",
     "masked_mse.fwd_kernel[vit_b16+vit_l16,amp,full,w8s3]": "PRED: 2-B loads ((i, j, c) gather); MASK: 4-B loads",
@@ -52,9 +76,9 @@ KNOWN_NARROW = {
     "masked_mse.bwd_kernel[vit_b16+vit_l16,bf16,rows,w8s3]": "PRED: 2-B loads ((i, j, c) gather)",
     "masked_mse.fwd_kernel[vit_b16+vit_l16,amp,rows,w8s3]": "PRED: 2-B loads ((i, j, c) gather)",
     "masked_mse.bwd_kernel[vit_b16+vit_l16,amp,rows,w8s3]": "PRED: 2-B loads ((i, j, c) gather)",
-    "masked_mse.fwd_kernel[vit_h14,bf16,rows,w8s3]": "IMGS: 4-B loads (P=14 patch rows)",
+    "masked_mse.fwd_kernel[vit_h14,bf16,rows,w8s3]": f"IMGS: 4-B loads (P=14 patch rows); {_IDS_FLAG}",
     "masked_mse.bwd_kernel[vit_h14,bf16,rows,w8s3]": "IMGS: 4-B loads (P=14 patch rows)",
-    "masked_mse.fwd_kernel[vit_h14,amp,rows,w8s3]": "IMGS: 8-B loads (P=14 patch rows, fp32)",
+    "masked_mse.fwd_kernel[vit_h14,amp,rows,w8s3]": f"IMGS: 8-B loads (P=14 patch rows, fp32); {_IDS_FLAG}",
     "masked_mse.bwd_kernel[vit_h14,amp,rows,w8s3]": "IMGS: 8-B loads (P=14 patch rows, fp32)",
     "decoder_assembly.fwd_kernel[vit_b16+vit_l16,bf16,w4s3]": f"IDS: 8-B loads ({_IDS_R}); TOK: 2-B loads",
     "decoder_assembly.bwd_kernel[vit_b16+vit_l16,bf16,w4s3]": f"IDS: 8-B loads ({_IDS_R})",
