@@ -1,7 +1,7 @@
 """What every kernel module shares: checks, output allocation, the op registration, and the error policy.
 
-Importable without Triton (fastmae.ops and the tests use :func:`interpreting`; ``import fastmae`` never imports
-Triton).
+It imports no Triton itself, so that fastmae.ops and the tests use its one :func:`interpreting` check without
+loading any kernel module.
 
 Bad indices and empty masks, one policy for every op (``patch_embed``'s ids_keep, ``decoder_assembly``'s
 ids_restore, ``masked_mse``'s ids and mask):
@@ -16,7 +16,7 @@ ids_restore, ``masked_mse``'s ids and mask):
   (:func:`error_flags`, one int32 per kind of error in :data:`ERRORS`).
 * The flags are reported lazily: :func:`check_errors` (``fastmae.kernels.check_errors()``) waits for the GPU,
   raises a ValueError naming the op and the error, and clears them; with ``FASTMAE_CHECK=1`` in the environment
-  every public op checks after its forward (:func:`debug_check`: a sync per call, for debugging).
+  every op that sets flags checks after its forward (:func:`debug_check`: a sync per call, for debugging).
 """
 
 from __future__ import annotations
@@ -124,8 +124,9 @@ def host_checks(*tensors: torch.Tensor) -> bool:
 @torch.compiler.assume_constant_result
 def error_flags(op: str, device: torch.device) -> torch.Tensor:
     """The device error flags of ``op`` on ``device``: int32 ``[len(ERRORS[op])]``, zero until a kernel sets one.
-    Allocated on the first call (without waiting on the device), then the same tensor at a fixed address, passed to
-    the op as a mutated argument; under torch.compile it is a constant of the graph, so CUDA graphs can replay it."""
+    Allocated on the op's first call on the device (without waiting on it: run a step before capturing a CUDA graph
+    by hand), then the same tensor at a fixed address, passed to the op as a mutated argument; under torch.compile
+    it is a constant of the graph (a static address for CUDA graphs)."""
     key = (op, str(device))
     if key not in _flags:
         flags = torch.zeros(len(ERRORS[op]), dtype=torch.int32, device=device)
@@ -150,8 +151,8 @@ def check_errors() -> None:
 
 
 def debug_check() -> None:
-    """:func:`check_errors` when ``FASTMAE_CHECK=1`` (called by every public op after its forward); nothing while
-    torch.compile traces or a CUDA graph is captured."""
+    """:func:`check_errors` when ``FASTMAE_CHECK=1`` (called after its forward by every op that sets flags); nothing
+    while torch.compile traces or a CUDA graph is captured."""
     if os.environ.get("FASTMAE_CHECK", "0") in ("", "0") or torch.compiler.is_compiling():
         return
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
