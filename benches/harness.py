@@ -30,6 +30,7 @@ import torch
 
 from fastmae import MAE, get_config, ops, reference
 from fastmae.configs import MAEConfig
+from fastmae.kernels._common import interpreting
 from fastmae.masking import num_kept, random_masking
 from fastmae.pos_embed import sincos_2d
 from fastmae.schedule import build_adamw
@@ -184,10 +185,10 @@ class Op:
 
 # The one place an op's name meets its functions (the kernel: fastmae.ops.KERNELS[name]).
 OPS = {
-    "patch_embed": Op(reference.patch_embed_visible, _patch_embed),
+    "patch_embed": Op(reference.patch_embed, _patch_embed),
     "attention": Op(reference.attention, _attention, ("encoder", "decoder"), ("eager", "compile", "triton", *SDPA)),
-    "masked_mse": Op(reference.masked_mse_loss, _masked_mse),
-    "decoder_assembly": Op(reference.decoder_assemble, _decoder_assembly),
+    "masked_mse": Op(reference.masked_mse, _masked_mse),
+    "decoder_assembly": Op(reference.decoder_assembly, _decoder_assembly),
 }
 
 
@@ -202,7 +203,7 @@ def kernel_module(op: str) -> str | None:
 
 
 def _need_triton(device: torch.device) -> None:
-    if device.type != "cuda" and not ops.interpreter_on():
+    if device.type != "cuda" and not interpreting():
         raise Unavailable("Triton kernels need CUDA, or TRITON_INTERPRET=1 on the CPU")
 
 
@@ -232,7 +233,7 @@ def _sdpa(qkv: torch.Tensor, num_heads: int, *, backend: str) -> torch.Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(getattr(SDPBackend, backend)):
-        return ops.sdpa_attention(qkv, num_heads)  # the eager model's permutes around SDPA: [B, N, H·d]
+        return reference.sdpa_attention(qkv, num_heads)  # the eager model's permutes around SDPA: [B, N, H·d]
 
 
 def provider_fn(op: str, provider: str, device: torch.device) -> Callable:
@@ -445,7 +446,6 @@ def check_op(op: str, case: Case, fn: Callable, dtype: torch.dtype) -> dict:
     """``fn``'s output and every gradient against the eager op, with outputs NaN-poisoned before launch, by
     tests/tolerance.py's rule: ``max|fn − eager_fp64| ≤ 2·max|eager_low − eager_fp64| + atol(dtype)``."""
     from fastmae.kernels._common import poison_outputs
-
     from tests.tolerance import ATOL, max_err
 
     def outputs(f, args, grad_out):

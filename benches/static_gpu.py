@@ -54,7 +54,7 @@ def committed_rows(path: Path) -> list[dict]:
 
 
 def find_committed(rows: list[dict], launch) -> dict | None:
-    """The committed row of ``launch``: same op.kernel, w/s and grid, used in its model, mode (and sequence)."""
+    """The committed row of ``launch``: same op.kernel, w/s and grid, used in its model, mode (sequence, variant)."""
     ws = f"{launch.options['num_warps']}/{launch.options['num_stages']}"
     grid = "x".join(map(str, launch.grid))
     for row in rows:
@@ -66,7 +66,7 @@ def find_committed(rows: list[dict], launch) -> dict | None:
             and (row["ws"], row["grid"]) == (ws, grid)
             and launch.tags.get("model") in models
             and launch.tags.get("mode") in modes
-            and (not launch.tags.get("seq") or launch.tags["seq"] in row["used_in"])
+            and all(not launch.tags.get(k) or launch.tags[k] in row["used_in"] for k in ("seq", "variant"))
         ):
             return row
     return None

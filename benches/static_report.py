@@ -23,7 +23,7 @@ from tests import mae_launches  # noqa: E402
 from tests.static_analysis import H100  # noqa: E402
 
 COMMAND = "make static` (`.venv/bin/python -m benches.static_report`)"
-OP_ORDER = ("patch_embed", "attention", "masked_mse", "masked_mse_rows", "decoder_assembly", "resized_crop")
+OP_ORDER = ("patch_embed", "layer_norm", "attention", "gelu", "masked_mse", "decoder_assembly", "resized_crop")
 TILE_PREFIXES = ("BLOCK", "TAIL")
 
 
@@ -46,7 +46,7 @@ def _tile(launch) -> str:
 
 def _used_in(launches) -> str:
     used = [ln for ln in launches if not ln.tags.get("unused")] or launches
-    keys = ("model", "mode", "seq", "unused") if used is launches else ("model", "mode", "seq")
+    keys = ("model", "mode", "seq", "variant", "unused") if used is launches else ("model", "mode", "seq", "variant")
     return " ".join(filter(None, (mae_launches._join(ln.tags.get(k) for ln in used) for k in keys)))
 
 

@@ -161,7 +161,7 @@ class MAE(nn.Module):
     def _encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """The encoder on the patches ``ids_keep`` ``[N, K]`` (in that order) plus the cls token: ``[N, 1+K, D]``."""
         proj = self.patch_embed.proj
-        x = ops.patch_embed_visible(
+        x = ops.patch_embed(
             self.impl, imgs, ids_keep, proj.weight, proj.bias, self.pos_embed, self.cls_token
         )  # [N, 1+K, D]
         x, branch = run_blocks(self.blocks, x)
@@ -212,7 +212,7 @@ class MAE(nn.Module):
         ``decoder_pred``: the result is ``[N, M, p²·C]``, row m predicting patch ``masked_ids[n, m]``.
         """
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
-        x = ops.decoder_assemble(self.impl, x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
+        x = ops.decoder_assembly(self.impl, x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
         x, branch = run_blocks(self.decoder_blocks, x)
         x = x if branch is None else x + branch  # [N, 1+L, Dd]
         if masked_ids is not None:
@@ -229,9 +229,8 @@ class MAE(nn.Module):
         With ``masked_ids`` (``[N, M]``, the masked patches of the 0/1 ``mask``), ``pred`` is ``[N, M, p²·C]``
         holding those patches only (see :meth:`forward_decoder`); the loss is the same.
         """
-        if masked_ids is None:
-            return ops.masked_mse_loss(self.impl, pred, imgs, mask, self.patch_size, self.norm_pix_loss)
-        return ops.masked_mse_loss_rows(self.impl, pred, imgs, mask, masked_ids, self.patch_size, self.norm_pix_loss)
+        weights = mask if masked_ids is None else None  # the rows of masked_ids are exactly the scored ones
+        return ops.masked_mse(self.impl, pred, imgs, weights, self.patch_size, self.norm_pix_loss, masked_ids)
 
     def forward(
         self,

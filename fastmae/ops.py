@@ -9,7 +9,8 @@ after ``import fastmae`` and nothing touches the GPU at import.
 Under ``"auto"`` each kernel module's ``unsupported(*args)`` names what its kernel does not take among arguments
 the eager op accepts (an attention head dim outside 16..128, float64 tensors, ...) from shapes, dtypes and flags
 alone: no GPU sync, a few integer comparisons per call, and under ``torch.compile`` decided once per traced shape.
-The op then runs its eager form, with one :class:`EagerFallbackWarning` per (op, reason).
+The op then runs its eager form, with one :class:`EagerFallbackWarning` per (op, reason). Values (indices, masks)
+are not looked at here: the kernels' policy for bad ones is in :mod:`fastmae.kernels._common`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from fastmae.kernels._common import interpreting
 
 from . import reference
 
@@ -30,11 +32,10 @@ ENV_VAR = "FASTMAE_IMPL"
 
 # op name -> (module, function) of its Triton kernel; the function takes the eager op's arguments.
 KERNELS: dict[str, tuple[str, str]] = {
-    "patch_embed": ("fastmae.kernels.patch_embed", "patch_embed_visible"),
+    "patch_embed": ("fastmae.kernels.patch_embed", "patch_embed"),
     "attention": ("fastmae.kernels.attention", "attention"),
-    "masked_mse": ("fastmae.kernels.masked_mse", "masked_mse_loss"),
-    "masked_mse_rows": ("fastmae.kernels.masked_mse", "masked_mse_loss_rows"),
-    "decoder_assembly": ("fastmae.kernels.decoder_assembly", "decoder_assemble"),
+    "masked_mse": ("fastmae.kernels.masked_mse", "masked_mse"),
+    "decoder_assembly": ("fastmae.kernels.decoder_assembly", "decoder_assembly"),
     "layer_norm": ("fastmae.kernels.layer_norm", "layer_norm"),
     "gelu": ("fastmae.kernels.gelu", "gelu"),
     "resized_crop": ("fastmae.kernels.resized_crop", "resized_crop"),
@@ -48,11 +49,6 @@ def resolve_impl(impl: str) -> str:
         source = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "impl"
         raise ValueError(f"{source} must be one of {IMPLS}, got {chosen!r}")
     return chosen
-
-
-def interpreter_on() -> bool:
-    """Whether Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # op name -> (kernel, its module's ``unsupported`` check), or None without a kernel; filled by has_kernel.
@@ -103,7 +99,7 @@ def _warn_fallback(op: str, reason: str) -> bool:
 
 def check_device(impl: str, x: torch.Tensor) -> None:
     """Raise a clear error when ``impl="triton"`` is asked for where kernels cannot run."""
-    if impl == "triton" and not x.is_cuda and not interpreter_on():
+    if impl == "triton" and not x.is_cuda and not interpreting():
         raise RuntimeError(
             f"impl='triton' needs CUDA tensors (got a tensor on {x.device}); use impl='auto' or 'eager', "
             "or set TRITON_INTERPRET=1 before importing fastmae's kernels to run them on the CPU"
@@ -116,14 +112,16 @@ def auto_device(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def use_triton(impl: str, op: str, x: torch.Tensor, *args) -> bool:
-    """Whether ``op`` runs its Triton kernel under ``impl``, given its arguments ``x, *args``. Under ``"auto"``
-    a kernel that does not take them (see the module docstring) leaves the op to its eager form, with a warning."""
+def use_triton(impl: str, op: str, x, *args, device_of: torch.Tensor | None = None) -> bool:
+    """Whether ``op`` runs its Triton kernel under ``impl``, given its arguments ``x, *args``; the device is
+    ``x``'s (``device_of``'s when the first argument is not a tensor). Under ``"auto"`` a kernel that does not
+    take them (see the module docstring) leaves the op to its eager form, with a warning."""
     if impl == "eager":
         return False
-    if impl == "auto" and not auto_device(x):
+    probe = x if device_of is None else device_of
+    if impl == "auto" and not auto_device(probe):
         return False
-    check_device(impl, x)
+    check_device(impl, probe)
     if triton_kernel(op) is None:
         return False
     if impl == "auto":
@@ -134,51 +132,32 @@ def use_triton(impl: str, op: str, x: torch.Tensor, *args) -> bool:
     return True
 
 
-def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
-    """The eager model's attention: ``reference.attention``'s math through ``F.scaled_dot_product_attention``."""
-    b, n, three_hd = qkv.shape
-    d = three_hd // (3 * num_heads)
-    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, N, d]
-    return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
-
-
-def patch_embed_visible(impl: str, imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.Tensor:
-    """See :func:`fastmae.reference.patch_embed_visible`."""
+def patch_embed(impl: str, imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.Tensor:
+    """See :func:`fastmae.reference.patch_embed`."""
     args = (imgs, ids_keep, weight, bias, pos_embed, cls_token)
-    fn = triton_kernel("patch_embed") if use_triton(impl, "patch_embed", *args) else reference.patch_embed_visible
+    fn = triton_kernel("patch_embed") if use_triton(impl, "patch_embed", *args) else reference.patch_embed
     return fn(*args)
 
 
 def attention(impl: str, qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
-    """See :func:`fastmae.reference.attention`; the eager path uses SDPA."""
-    fn = triton_kernel("attention") if use_triton(impl, "attention", qkv, num_heads, scale) else sdpa_attention
+    """See :func:`fastmae.reference.attention`; the eager path is :func:`fastmae.reference.sdpa_attention`."""
+    use = use_triton(impl, "attention", qkv, num_heads, scale)
+    fn = triton_kernel("attention") if use else reference.sdpa_attention
     return fn(qkv, num_heads, scale)
 
 
-def masked_mse_loss(impl: str, pred, imgs, mask, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
-    """See :func:`fastmae.reference.masked_mse_loss`."""
-    args = (pred, imgs, mask, patch_size, norm_pix_loss)
-    fn = triton_kernel("masked_mse") if use_triton(impl, "masked_mse", *args) else reference.masked_mse_loss
+def masked_mse(impl: str, pred, imgs, mask, patch_size: int, norm_pix_loss: bool, ids=None) -> torch.Tensor:
+    """See :func:`fastmae.reference.masked_mse`."""
+    args = (pred, imgs, mask, patch_size, norm_pix_loss, ids)
+    fn = triton_kernel("masked_mse") if use_triton(impl, "masked_mse", *args) else reference.masked_mse
     return fn(*args)
 
 
-def masked_mse_loss_rows(impl: str, pred, imgs, mask, masked_ids, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
-    """The loss of predictions made for the masked patches only: ``pred [N, M, p²·C]``, row m is patch
-    ``masked_ids[n, m]``; equal to :func:`masked_mse_loss` of those rows placed in a full ``[N, L, p²·C]``."""
-    args = (pred, imgs, masked_ids, patch_size, norm_pix_loss)
-    if use_triton(impl, "masked_mse_rows", *args):
-        return triton_kernel("masked_mse_rows")(*args)
-    index = masked_ids.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # [N, M, p²C]
-    full = pred.new_zeros(mask.shape[0], mask.shape[1], pred.shape[-1]).scatter(1, index, pred)  # [N, L, p²C]
-    return reference.masked_mse_loss(full, imgs, mask, patch_size, norm_pix_loss)
-
-
-def decoder_assemble(impl: str, x, ids_restore, mask_token, pos_embed) -> torch.Tensor:
-    """See :func:`fastmae.reference.decoder_assemble`."""
+def decoder_assembly(impl: str, x, ids_restore, mask_token, pos_embed) -> torch.Tensor:
+    """See :func:`fastmae.reference.decoder_assembly`."""
     args = (x, ids_restore, mask_token, pos_embed)
     use = use_triton(impl, "decoder_assembly", *args)
-    fn = triton_kernel("decoder_assembly") if use else reference.decoder_assemble
+    fn = triton_kernel("decoder_assembly") if use else reference.decoder_assembly
     return fn(*args)
 
 
@@ -198,7 +177,7 @@ def gelu(impl: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
 def resized_crop(impl: str, images, boxes, flips, size: int, mean, std, dtype=torch.float32) -> torch.Tensor:
     """See :func:`fastmae.reference.resized_crop`: the input path's views of decoded uint8 images (the kernel
     for images on CUDA under ``"auto"``)."""
-    probe = images[0] if len(images) else boxes
-    use = use_triton(impl, "resized_crop", probe)
+    args = (images, boxes, flips, size, mean, std, dtype)
+    use = use_triton(impl, "resized_crop", *args, device_of=images[0] if len(images) else boxes)
     fn = triton_kernel("resized_crop") if use else reference.resized_crop
-    return fn(images, boxes, flips, size, mean, std, dtype)
+    return fn(*args)

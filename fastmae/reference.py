@@ -21,13 +21,14 @@ from .pos_embed import sincos_2d
 __all__ = [
     "MaskedAutoencoderViT",
     "attention",
-    "decoder_assemble",
+    "decoder_assembly",
     "gelu",
     "layer_norm",
-    "masked_mse_loss",
-    "patch_embed_visible",
+    "masked_mse",
+    "patch_embed",
     "patchify",
     "resized_crop",
+    "sdpa_attention",
     "unpatchify",
 ]
 
@@ -62,7 +63,7 @@ def unpatchify(
     return x.reshape(n, in_chans, h * p, w * p)  # [N, C, H, W]
 
 
-def patch_embed_visible(
+def patch_embed(
     imgs: torch.Tensor,
     ids_keep: torch.Tensor,
     weight: torch.Tensor,
@@ -112,6 +113,16 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
 
 
+def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """:func:`attention` through ``F.scaled_dot_product_attention``, as timm's attention computes it: the eager form
+    :class:`fastmae.MAE` runs under ``impl="eager"``. Same arguments and result."""
+    b, n, three_hd = qkv.shape
+    d = three_hd // (3 * num_heads)
+    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, N, d]
+    return out.transpose(1, 2).reshape(b, n, num_heads * d)  # [B, N, H·d]
+
+
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -153,38 +164,44 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.gelu(x if bias is None else x + bias)
 
 
-def masked_mse_loss(
+def masked_mse(
     pred: torch.Tensor,
     imgs: torch.Tensor,
     mask: torch.Tensor | None,
     patch_size: int,
     norm_pix_loss: bool = False,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MAE's loss: the per-patch MSE against (optionally per-patch normalized) pixels, on masked patches only.
 
     Args:
-        pred: ``[N, L, p²·C]`` predictions, (i, j, c) order within a patch.
+        pred: ``[N, R, p²·C]`` predictions, (i, j, c) order within a patch: of every patch (``R = L``), or with
+            ``ids`` of the patches ``ids`` names.
         imgs: ``[N, C, H, W]``.
-        mask: ``[N, L]``, 1 = removed (scored), 0 = visible; None scores every patch.
+        mask: ``[N, R]`` weights of pred's rows: 1 = removed (scored), 0 = visible; None scores every row.
         patch_size: p.
         norm_pix_loss: normalize each target patch by its mean and unbiased variance (+1e-6).
+        ids: optional ``[N, R]`` int64 patch indices (raster order): row r of pred predicts patch ``ids[n, r]``.
+            With the masked patches of a 0/1 mask and no ``mask``, the loss equals the full prediction's.
 
     Returns:
         A scalar: ``Σ mask · mean_j (pred − target)² / Σ mask``.
     """
     target = patchify(imgs, patch_size)  # [N, L, p²C]
+    if ids is not None:
+        target = torch.gather(target, 1, ids.unsqueeze(-1).expand(-1, -1, target.shape[-1]))  # [N, R, p²C]
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1.0e-6) ** 0.5
     loss = (pred - target) ** 2
-    loss = loss.mean(dim=-1)  # [N, L]
+    loss = loss.mean(dim=-1)  # [N, R]
     if mask is None:
         return loss.mean()
     return (loss * mask).sum() / mask.sum()
 
 
-def decoder_assemble(
+def decoder_assembly(
     x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
 ) -> torch.Tensor:
     """The decoder's input: embedded visible tokens plus mask tokens, unshuffled, plus positions.
@@ -334,7 +351,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)  # [N, 1+K, Dd]
-        x = decoder_assemble(x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
+        x = decoder_assembly(x, ids_restore, self.mask_token, self.decoder_pos_embed)  # [N, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
@@ -342,7 +359,7 @@ class MaskedAutoencoderViT(nn.Module):
         return x[:, 1:, :]  # [N, L, p²C]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_mse_loss(pred, imgs, mask, self.patch_embed.patch_size[0], self.norm_pix_loss)
+        return masked_mse(pred, imgs, mask, self.patch_embed.patch_size[0], self.norm_pix_loss)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)

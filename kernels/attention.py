@@ -4,7 +4,7 @@ Math, per batch row b and head h, with q, k, v the ``[N, d]`` slices of ``qkv [B
 through strides (no permute, no copy). fp16/bf16 work on base-2 logits, ``c = scale · log2(e)``; fp32
 (``EXACT_P``) forms natural-unit logits exactly as the eager op does, ``e^x`` computed as ``2^(x · log2(e))``:
 
-Forward (``_attn_fwd``: one program per query tile, looping over key tiles)::
+Forward (``_fwd_kernel``: one program per query tile, looping over key tiles)::
 
     s   = (q · kᵀ) · c            (fp16/bf16)      s = (q · scale) · kᵀ      (fp32)    # fp32 logits
     m'  = max(m, rowmax(s));  alpha = 2^(m − m'), p̃ = 2^(s − m')  (fp32: e^(m − m'), e^(s − m'))
@@ -33,10 +33,10 @@ natural units with lse 1.00; all three 0.70. p = e^(s − m) / l, e^(s − m) ·
 alike; ``· (1/l)`` costs one multiply per element. fp16/bf16 round p to 16 bits (2^-9 / 2^-12) before its dots,
 far above these effects, and keep the cheaper base-2 form: no extra stats, no transposes.
 
-* N <= 64 in fp16/bf16 (the ViT-B/L encoder's 50 tokens): ``_attn_bwd_fused``, one program per (b, h) holds the
+* N <= 64 in fp16/bf16 (the ViT-B/L encoder's 50 tokens): ``_bwd_fused_kernel``, one program per (b, h) holds the
   whole head in one tile and does the five dots once; Delta = rowsum(p ∘ dp), so ``out`` is not even read.
-* otherwise: ``_attn_bwd_dq`` (one program per query tile: the Delta preprocess from ``dout ∘ out`` for its rows,
-  stored to an fp32 ``[B, H, N]`` buffer, then dq over all key tiles), then ``_attn_bwd_dkdv`` (one program per
+* otherwise: ``_bwd_dq_kernel`` (one program per query tile: the Delta preprocess from ``dout ∘ out`` for its rows,
+  stored to an fp32 ``[B, H, N]`` buffer, then dq over all key tiles), then ``_bwd_dkdv_kernel`` (one program per
   key tile, looping over query tiles, reading Delta). dq is recomputed rather than accumulated across programs.
 Every element of out, stats, Delta and dqkv is written by exactly one program, in a fixed order: no atomics, and
 results are bitwise deterministic run to run.
@@ -59,27 +59,6 @@ TF32 MMAs per product, ~2^-21 relative error per product): plain TF32 (~1e-3) wo
 kernel's error stays within twice the eager fp32 op's (cuBLAS does not use TF32 by default), and IEEE FMA dots
 compile for minutes at 128-wide padded tiles and spill heavily. An emulation of 3xTF32 at MAE's shapes gives
 errors at or below eager fp32's. Under the interpreter every dot is an exact fp32 numpy matmul.
-
-Torch integration: the forward and the backward are each a ``torch.library.triton_op`` (``fastmae::attention_fwd``
-and ``fastmae::attention_bwd``) launching the kernels through ``wrap_triton``, tied together by a
-``torch.autograd.Function`` with ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")``. triton_op gives
-``torch.compile`` a traceable op with an automatic fake implementation (no graph break) that Inductor decomposes
-into the Triton kernels themselves (it schedules and autotunes them), while the autograd.Function keeps autograd
-and AMP in the form every fastmae kernel uses. Under ``TRITON_INTERPRET=1`` (CPU) interpreted kernels cannot be
-traced into, so the same bodies are registered as opaque ``torch.library.custom_op``s instead (fake: the body with
-launches skipped); torch.compile (e.g. ``backend="aot_eager"``) still captures one graph, and the autotuner is
-bypassed (first config, or the one forced by :func:`force_config`).
-
-Tuning (H100, bf16, not yet measured on a GPU): B·H is in the thousands (batch 256, 12..16 heads), so per-head
-parallelism is ample and tiles are sized to the sequence, not for long-sequence reuse. 64-row tiles map onto one
-Hopper warpgroup's wgmma (m64); k and v of a head are re-read by its 1..5 query programs from L2. Autotune
-candidates (keyed on N, d and dtype) differ only in launch options, so the tiling and tail sizes are fixed by N:
-4 warps (one warpgroup, fewer registers per tile, more resident CTAs) or 8 (two warpgroups splitting the 64-wide
-tile, shorter per-thread dependency chains); 2 stages where a loop over full tiles exists (197/257 tokens) to
-prefetch the next k/v (or q/dout) tile while the current one is in the tensor cores, 1 in the one-shot fused
-backward. With 16-byte aligned rows (3·H·d and H·d multiples of 8) all loads are 128-bit vectors; ptxas reports no
-spills for the fp16/bf16 configs on sm_90 except ~76 B in the 4-warp dK/dV kernel at d = 80/128. fp32 uses one
-small config per kernel (32-wide tiles, no autotuning; its operands take twice the shared memory).
 """
 
 from __future__ import annotations
@@ -91,6 +70,8 @@ from collections.abc import Iterator
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
 from fastmae.kernels._attention_tiles import (
     dkdv_step,
     dq_step,
@@ -100,9 +81,15 @@ from fastmae.kernels._attention_tiles import (
     store_stats,
     store_tile,
 )
-from fastmae.kernels._common import check_float, empty, interpreting, unsupported_float
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from fastmae.kernels._common import (
+    check_device,
+    check_float,
+    empty,
+    interpreting,
+    launch_skipped,
+    register_op,
+    unsupported_float,
+)
 
 LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -140,7 +127,7 @@ def _fwd_rows(
 
 
 @triton.jit
-def _attn_fwd(
+def _fwd_kernel(
     QKV, Out, Stats, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
     BLOCK: tl.constexpr, TAIL: tl.constexpr,
@@ -168,7 +155,7 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_bwd_fused(
+def _bwd_fused_kernel(
     QKV, Stats, DOut, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
     scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr,
@@ -236,7 +223,7 @@ def _dq_rows(
 
 
 @triton.jit
-def _attn_bwd_dq(
+def _bwd_dq_kernel(
     QKV, Out, Stats, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
     stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
@@ -297,13 +284,13 @@ def _dkdv_cols(
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def _bwd_dkdv_kernel(
     QKV, Stats, DOut, Delta, DQKV, N, H, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
     stride_dqkv_b, stride_dqkv_n, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, EXACT_P: tl.constexpr,
     BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    """dk and dv of one key tile (after ``_attn_bwd_dq`` wrote Delta); grid ``(B·H·cdiv(N, BLOCK),)``."""
+    """dk and dv of one key tile (after ``_bwd_dq_kernel`` wrote Delta); grid ``(B·H·cdiv(N, BLOCK),)``."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK)
     bh = pid // n_tiles
@@ -331,6 +318,17 @@ def _opts(num_warps: int, num_stages: int) -> triton.Config:
     return triton.Config({}, num_warps=num_warps, num_stages=num_stages)
 
 
+# Tuning (H100, bf16, not yet measured on a GPU): B·H is in the thousands (batch 256, 12..16 heads), so per-head
+# parallelism is ample and tiles are sized to the sequence, not for long-sequence reuse. 64-row tiles map onto one
+# Hopper warpgroup's wgmma (m64); k and v of a head are re-read by its 1..5 query programs from L2. Autotune
+# candidates (keyed on N, d and dtype) differ only in launch options, so the tiling and tail sizes are fixed by N: 4
+# warps (one warpgroup, fewer registers per tile, more resident CTAs) or 8 (two warpgroups splitting the 64-wide tile,
+# shorter per-thread dependency chains); 2 stages where a loop over full tiles exists (197/257 tokens) to prefetch the
+# next k/v (or q/dout) tile while the current one is in the tensor cores, 1 in the one-shot fused backward. With
+# 16-byte aligned rows (3·H·d and H·d multiples of 8) all loads are 128-bit vectors; ptxas reports no spills for the
+# fp16/bf16 configs on sm_90 except ~76 B in the 4-warp dK/dV kernel at d = 80/128. fp32 uses one small config per
+# kernel (32-wide tiles, no autotuning; its operands take twice the shared memory).
+#
 # Autotune candidates per kernel: launch options only. The tiling is fixed by N (see ``tiling``), so the tail tile
 # is sized to the sequence and results do not depend on which candidate wins.
 CONFIGS = {
@@ -342,20 +340,19 @@ CONFIGS = {
 # fp32 (3xTF32 dots on fp32 operands: twice the shared memory, three MMAs per product): one config, small tiles.
 CONFIGS_FP32 = {"fwd": [_opts(4, 1)], "bwd_dq": [_opts(4, 1)], "bwd_dkdv": [_opts(8, 1)]}
 BLOCK_16, BLOCK_32 = 64, 32  # full tile of the fp16/bf16 and of the fp32 kernels
-KERNELS = {"fwd": _attn_fwd, "bwd_fused": _attn_bwd_fused, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
 
 
 def _tuner(fn, configs: list[triton.Config]):
     return triton.autotune(configs=configs, key=["N", "HEAD_DIM", "TAIL"])(fn)
 
 
-_FWD = _tuner(_attn_fwd, CONFIGS["fwd"])
-_FWD_FP32 = _tuner(_attn_fwd, CONFIGS_FP32["fwd"])
-_BWD_FUSED = _tuner(_attn_bwd_fused, CONFIGS["bwd_fused"])
-_BWD_DQ = _tuner(_attn_bwd_dq, CONFIGS["bwd_dq"])
-_BWD_DQ_FP32 = _tuner(_attn_bwd_dq, CONFIGS_FP32["bwd_dq"])
-_BWD_DKDV = _tuner(_attn_bwd_dkdv, CONFIGS["bwd_dkdv"])
-_BWD_DKDV_FP32 = _tuner(_attn_bwd_dkdv, CONFIGS_FP32["bwd_dkdv"])
+_FWD = _tuner(_fwd_kernel, CONFIGS["fwd"])
+_FWD_FP32 = _tuner(_fwd_kernel, CONFIGS_FP32["fwd"])
+_BWD_FUSED = _tuner(_bwd_fused_kernel, CONFIGS["bwd_fused"])
+_BWD_DQ = _tuner(_bwd_dq_kernel, CONFIGS["bwd_dq"])
+_BWD_DQ_FP32 = _tuner(_bwd_dq_kernel, CONFIGS_FP32["bwd_dq"])
+_BWD_DKDV = _tuner(_bwd_dkdv_kernel, CONFIGS["bwd_dkdv"])
+_BWD_DKDV_FP32 = _tuner(_bwd_dkdv_kernel, CONFIGS_FP32["bwd_dkdv"])
 
 
 def _tuner_for(name: str, fp32: bool):
@@ -393,7 +390,7 @@ def force_config(**index: int) -> Iterator[None]:
 
     Names: ``fwd``, ``bwd_fused``, ``bwd_dq``, ``bwd_dkdv``; e.g. ``force_config(fwd=1)``.
     """
-    unknown = set(index) - set(KERNELS)
+    unknown = set(index) - set(CONFIGS)
     if unknown:
         raise ValueError(f"unknown kernel names {sorted(unknown)}")
     prev = dict(_forced)
@@ -415,7 +412,7 @@ def _launch(name: str, dtype: torch.dtype, grid, args: tuple, consts: dict) -> N
     cfg = tuner.configs[min(index or 0, len(tuner.configs) - 1)]
     if not _INTERPRETED:
         wrap_triton(tuner.fn)[grid](*args, **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    elif not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):  # fake: see _op
+    elif not launch_skipped(*args):
         tuner.fn[grid](*args, **consts)
 
 
@@ -424,67 +421,6 @@ def _consts(dtype: torch.dtype, head_dim: int) -> dict:
     exact = dtype == torch.float32
     precision = "tf32x3" if exact else "tf32"  # tf32 is unused by fp16/bf16 dots
     return {"HEAD_DIM": head_dim, "D_PAD": triton.next_power_of_2(head_dim), "PRECISION": precision, "EXACT_P": exact}
-
-
-def _op(name: str):
-    """``triton_op`` (Inductor sees and schedules the kernels). Interpreted kernels launch eagerly and cannot be
-    traced into, so under ``TRITON_INTERPRET`` the op is an opaque ``custom_op`` instead, its fake implementation
-    the same body with the launches skipped (fake tensors have shapes only): torch.compile still traces it."""
-
-    def wrap(fn):
-        if not _INTERPRETED:
-            return triton_op(name, mutates_args=())(fn)
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fn)
-        return op
-
-    return wrap
-
-
-@_op("fastmae::attention_fwd")
-def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """out ``[B, N, H·d]`` and the fp32 softmax statistics ``[B, H, S, N]`` of validated, unit-stride ``qkv``:
-    S = 2 rows (m, l) for fp32 qkv, else S = 1 row, the base-2 logsumexp (see the module's math)."""
-    b, n, three_hd = qkv.shape
-    h, d = num_heads, three_hd // (3 * num_heads)
-    consts = _consts(qkv.dtype, d)
-    out = empty(b, n, h * d, dtype=qkv.dtype, device=qkv.device)  # [B, N, H·d]
-    stats = empty(b, h, 1 + consts["EXACT_P"], n, dtype=torch.float32, device=qkv.device)  # [B, H, S, N]
-    if b > 0:
-        block, tail, _ = tiling(n, qkv.dtype)
-        strides = (qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1))
-        args = (qkv, out, stats, n, h, *strides, scale, scale * LOG2E)
-        grid = (b * h * triton.cdiv(n, block),)
-        _launch("fwd", qkv.dtype, grid, args, {**consts, "BLOCK": block, "TAIL": tail})
-    return out, stats
-
-
-@_op("fastmae::attention_bwd")
-def attention_bwd(
-    qkv: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor, num_heads: int, scale: float
-) -> torch.Tensor:
-    """dqkv ``[B, N, 3·H·d]`` from the forward's qkv, out, stats and a unit-stride ``dout [B, N, H·d]``."""
-    b, n, three_hd = qkv.shape
-    h, d = num_heads, three_hd // (3 * num_heads)
-    dqkv = empty(b, n, three_hd, dtype=qkv.dtype, device=qkv.device)  # [B, N, 3·H·d]
-    if b == 0:
-        return dqkv
-    block, tail, fused = tiling(n, qkv.dtype)
-    consts = _consts(qkv.dtype, d)
-    strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1))
-    if fused:
-        args = (qkv, stats, dout, dqkv, n, h, *strides, scale, scale * LOG2E)
-        del consts["EXACT_P"]  # False: fused only in fp16/bf16
-        _launch("bwd_fused", qkv.dtype, (b * h,), args, {**consts, "BLOCK": tail})
-        return dqkv
-    consts.update(BLOCK=block, TAIL=tail)
-    grid = (b * h * triton.cdiv(n, block),)
-    delta = empty(b, h, n, dtype=torch.float32, device=qkv.device)  # [B, H, N]
-    args = (qkv, out, stats, dout, delta, dqkv, n, h, *strides[:2], out.stride(0), out.stride(1), *strides[2:])
-    _launch("bwd_dq", qkv.dtype, grid, (*args, scale, scale * LOG2E), consts)
-    args = (qkv, stats, dout, delta, dqkv, n, h, *strides, scale, scale * LOG2E)
-    _launch("bwd_dkdv", qkv.dtype, grid, args, consts)
-    return dqkv
 
 
 def _shape_limit(qkv: torch.Tensor, num_heads: int) -> str | None:
@@ -512,7 +448,81 @@ def unsupported(qkv, num_heads, scale=None) -> str | None:
     return _shape_limit(qkv, num_heads)
 
 
-class _Attention(torch.autograd.Function):
+def _check(qkv, num_heads, scale) -> float:
+    """Raise a clear TypeError/ValueError for arguments the kernels do not take; return the scale."""
+    check_float("qkv", qkv)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads <= 0:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be 3-D [B, N, 3·H·d], got shape {tuple(qkv.shape)}")
+    b, n, three_hd = qkv.shape
+    if three_hd % (3 * num_heads) != 0:
+        raise ValueError(f"qkv's last dim {three_hd} must be divisible by 3 * num_heads = {3 * num_heads}")
+    d = three_hd // (3 * num_heads)
+    if n < 1:
+        raise ValueError(f"qkv must hold at least one token (N >= 1), got shape {tuple(qkv.shape)}")
+    limit = _shape_limit(qkv, num_heads)
+    if limit is not None:
+        raise ValueError(limit)
+    check_device("qkv", qkv, _INTERPRETED)
+    if scale is None:
+        return d**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _launch_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """out ``[B, N, H·d]`` and the fp32 softmax statistics ``[B, H, S, N]`` of validated, unit-stride ``qkv``:
+    S = 2 rows (m, l) for fp32 qkv, else S = 1 row, the base-2 logsumexp (see the module's math)."""
+    b, n, three_hd = qkv.shape
+    h, d = num_heads, three_hd // (3 * num_heads)
+    consts = _consts(qkv.dtype, d)
+    out = empty(b, n, h * d, dtype=qkv.dtype, device=qkv.device)  # [B, N, H·d]
+    stats = empty(b, h, 1 + consts["EXACT_P"], n, dtype=torch.float32, device=qkv.device)  # [B, H, S, N]
+    if b > 0:
+        block, tail, _ = tiling(n, qkv.dtype)
+        strides = (qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1))
+        args = (qkv, out, stats, n, h, *strides, scale, scale * LOG2E)
+        grid = (b * h * triton.cdiv(n, block),)
+        _launch("fwd", qkv.dtype, grid, args, {**consts, "BLOCK": block, "TAIL": tail})
+    return out, stats
+
+
+def _launch_bwd(
+    qkv: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor, num_heads: int, scale: float
+) -> torch.Tensor:
+    """dqkv ``[B, N, 3·H·d]`` from the forward's qkv, out, stats and a unit-stride ``dout [B, N, H·d]``."""
+    b, n, three_hd = qkv.shape
+    h, d = num_heads, three_hd // (3 * num_heads)
+    dqkv = empty(b, n, three_hd, dtype=qkv.dtype, device=qkv.device)  # [B, N, 3·H·d]
+    if b == 0:
+        return dqkv
+    block, tail, fused = tiling(n, qkv.dtype)
+    consts = _consts(qkv.dtype, d)
+    strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1))
+    if fused:
+        args = (qkv, stats, dout, dqkv, n, h, *strides, scale, scale * LOG2E)
+        del consts["EXACT_P"]  # False: fused only in fp16/bf16
+        _launch("bwd_fused", qkv.dtype, (b * h,), args, {**consts, "BLOCK": tail})
+        return dqkv
+    consts.update(BLOCK=block, TAIL=tail)
+    grid = (b * h * triton.cdiv(n, block),)
+    delta = empty(b, h, n, dtype=torch.float32, device=qkv.device)  # [B, H, N]
+    args = (qkv, out, stats, dout, delta, dqkv, n, h, *strides[:2], out.stride(0), out.stride(1), *strides[2:])
+    _launch("bwd_dq", qkv.dtype, grid, (*args, scale, scale * LOG2E), consts)
+    args = (qkv, stats, dout, delta, dqkv, n, h, *strides, scale, scale * LOG2E)
+    _launch("bwd_dkdv", qkv.dtype, grid, args, consts)
+    return dqkv
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd of the fused op on unit-stride ``qkv``."""
+
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
@@ -530,6 +540,16 @@ class _Attention(torch.autograd.Function):
         return attention_bwd(qkv, out, stats, dout, ctx.num_heads, ctx.scale), None, None
 
 
+# Torch integration (see fastmae.kernels._common.register_op): each op is a torch.library.triton_op, which gives
+# torch.compile a traceable op with an automatic fake implementation (no graph break) that Inductor decomposes into
+# the Triton kernels themselves (it schedules and autotunes them), while AttentionFunction keeps autograd and AMP
+# (custom_fwd/custom_bwd) in the form every fastmae kernel uses. Under TRITON_INTERPRET=1 the same bodies are opaque
+# custom_ops, so torch.compile (e.g. backend="aot_eager") still captures one graph, and the autotuner is bypassed
+# (first config, or the one forced by force_config).
+attention_fwd = register_op("fastmae::attention_fwd")(_launch_fwd)
+attention_bwd = register_op("fastmae::attention_bwd")(_launch_bwd)
+
+
 def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
     """Multi-head self-attention from the packed qkv projection; the fused form of ``fastmae.reference.attention``.
 
@@ -544,32 +564,9 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
         ``[B, N, H·d]`` = softmax(q·kᵀ·scale)·v per head, heads concatenated (the proj Linear's input layout), in
         qkv's dtype. Differentiable with respect to qkv.
     """
-    check_float("qkv", qkv)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
-    if num_heads <= 0:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    if qkv.dim() != 3:
-        raise ValueError(f"qkv must be 3-D [B, N, 3·H·d], got shape {tuple(qkv.shape)}")
-    b, n, three_hd = qkv.shape
-    if three_hd % (3 * num_heads) != 0:
-        raise ValueError(f"qkv's last dim {three_hd} must be divisible by 3 * num_heads = {3 * num_heads}")
-    d = three_hd // (3 * num_heads)
-    if n < 1:
-        raise ValueError(f"qkv must hold at least one token (N >= 1), got shape {tuple(qkv.shape)}")
-    limit = _shape_limit(qkv, num_heads)
-    if limit is not None:
-        raise ValueError(limit)
-    if scale is None:
-        scale = d**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    elif not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if qkv.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"qkv must be a CUDA tensor (got one on {qkv.device}); set TRITON_INTERPRET=1 for the CPU")
+    scale = _check(qkv, num_heads, scale)
     if qkv.is_cuda and qkv.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
         qkv = qkv.to(torch.get_autocast_dtype("cuda"))  # as autocast runs SDPA and matmuls: in its dtype
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    return _Attention.apply(qkv, num_heads, float(scale))
+    return AttentionFunction.apply(qkv, num_heads, scale)

@@ -30,10 +30,6 @@ Backward strategy: without a bias one program per tile. With a bias a fixed numb
 BWD_PROGRAMS) of programs per column block walk row tiles p, p + P, ..., keep their share of dbias in fp32
 registers and write one row of a ``[P, H]`` fp32 partial buffer; ``_bwd_dbias_kernel`` sums it over P in a fixed
 order: no atomics, bitwise deterministic, no host sync, CUDA-graph safe.
-
-Torch integration as in :mod:`fastmae.kernels.attention`: ``fastmae::gelu_fwd`` / ``fastmae::gelu_bwd`` are
-``torch.library.triton_op``s (opaque ``custom_op``s under ``TRITON_INTERPRET=1``), tied by :class:`GeluFunction`;
-:func:`gelu` has the signature of ``fastmae.reference.gelu``.
 """
 
 from __future__ import annotations
@@ -43,9 +39,18 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import check_float, check_same_device, empty, interpreting, unsupported_float
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from fastmae.kernels._common import (
+    check_device,
+    check_float,
+    check_same_device,
+    empty,
+    interpreting,
+    launch_skipped,
+    register_op,
+    unsupported_float,
+)
 
 SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -136,11 +141,6 @@ def tiling(n: int) -> tuple[int, int]:
 _INTERPRETED = interpreting()
 
 
-def _fake(*args) -> bool:
-    """Whether a launch gets fake tensors (the interpreter's fake implementation): skip it."""
-    return any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
-
-
 def unsupported(x, bias=None) -> str | None:
     """Why :func:`gelu` does not take arguments the eager op accepts (float64), from dtypes alone; None when it
     does or when they are malformed (both then raise)."""
@@ -157,8 +157,7 @@ def _check(x, bias) -> None:
         if bias.shape != x.shape[-1:]:
             raise ValueError(f"bias must be [H] = [{x.shape[-1]}] (x's last dim), got shape {tuple(bias.shape)}")
         check_same_device(x=x, bias=bias)
-    if x.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"x must be a CUDA tensor (got one on {x.device}); set TRITON_INTERPRET=1 for the CPU")
+    check_device("x", x, _INTERPRETED)
 
 
 def _launch_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -173,7 +172,7 @@ def _launch_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     if not _INTERPRETED:
         wrap_triton(_fwd_kernel)[grid](*args, **consts, num_warps=NUM_WARPS)
-    elif not _fake(*args):
+    elif not launch_skipped(*args):
         _fwd_kernel[grid](*args, **consts)
     return y
 
@@ -194,7 +193,7 @@ def _launch_bwd(x: torch.Tensor, bias: torch.Tensor | None, dy: torch.Tensor) ->
     grid = (progs, triton.cdiv(n, block_n))
     if not _INTERPRETED:
         wrap_triton(_bwd_kernel)[grid](*args, **consts, num_warps=NUM_WARPS)
-    elif not _fake(*args):
+    elif not launch_skipped(*args):
         _bwd_kernel[grid](*args, **consts)
     if has_bias:
         args = (part, dbias, progs, n)
@@ -202,7 +201,7 @@ def _launch_bwd(x: torch.Tensor, bias: torch.Tensor | None, dy: torch.Tensor) ->
         grid = (triton.cdiv(n, DBIAS_BLOCK_N),)
         if not _INTERPRETED:
             wrap_triton(_bwd_dbias_kernel)[grid](*args, **consts, num_warps=4)
-        elif not _fake(*args):
+        elif not launch_skipped(*args):
             _bwd_dbias_kernel[grid](*args, **consts)
     return dx, dbias
 
@@ -230,22 +229,10 @@ class GeluFunction(torch.autograd.Function):
         return dx, dbias if bias is not None and ctx.needs_input_grad[1] else None
 
 
-def _op(name: str):
-    """``triton_op`` (Inductor sees and schedules the kernels); under ``TRITON_INTERPRET`` an opaque ``custom_op``
-    whose fake implementation is the same body with the launches skipped, so torch.compile still traces it."""
-
-    def wrap(fn):
-        if not _INTERPRETED:
-            return triton_op(name, mutates_args=())(fn)
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fn)
-        return op
-
-    return wrap
-
-
-gelu_fwd = _op("fastmae::gelu_fwd")(_launch_fwd)
-gelu_bwd = _op("fastmae::gelu_bwd")(_launch_bwd)
+# Torch integration (see fastmae.kernels._common.register_op): the two ops, tied by GeluFunction, which saves x and
+# the bias; the public op has the signature of fastmae.reference.gelu.
+gelu_fwd = register_op("fastmae::gelu_fwd")(_launch_fwd)
+gelu_bwd = register_op("fastmae::gelu_bwd")(_launch_bwd)
 
 
 def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

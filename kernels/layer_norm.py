@@ -37,10 +37,6 @@ Backward strategy: ``_bwd_kernel`` runs a fixed number of programs P = min(row t
 walks tiles p, p + P, ... and keeps its share of dw and db in fp32 registers, then writes one row of a ``[P, D]``
 fp32 partial buffer (no atomics). ``_bwd_dwdb_kernel`` sums the partials over P in a fixed order. P depends on
 M only, so the result is bitwise the same run to run; no host sync, no data-dependent launch: CUDA-graph safe.
-
-Torch integration as in :mod:`fastmae.kernels.attention`: ``fastmae::layer_norm_fwd`` / ``fastmae::layer_norm_bwd``
-are ``torch.library.triton_op``s (opaque ``custom_op``s under ``TRITON_INTERPRET=1``), tied together by
-:class:`LayerNormFunction`; :func:`layer_norm` has the signature of ``fastmae.reference.layer_norm``.
 """
 
 from __future__ import annotations
@@ -50,9 +46,19 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import FLOAT_DTYPES, check_float, check_same_device, empty, interpreting, unsupported_float
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from fastmae.kernels._common import (
+    FLOAT_DTYPES,
+    check_device,
+    check_float,
+    check_same_device,
+    empty,
+    interpreting,
+    launch_skipped,
+    register_op,
+    unsupported_float,
+)
 
 MAX_D = 8192
 
@@ -165,11 +171,6 @@ def tiling(d: int) -> tuple[int, int, int]:
 _INTERPRETED = interpreting()
 
 
-def _fake(*args) -> bool:
-    """Whether a launch gets fake tensors (the interpreter's fake implementation): skip it."""
-    return any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
-
-
 def unsupported(x, weight, bias, branch=None, eps=1e-6, out_dtype=None) -> str | None:
     """Why :func:`layer_norm` does not take arguments the eager op accepts (float64, a row wider than MAX_D), from
     shapes and dtypes alone; None when it does or when they are malformed (both then raise)."""
@@ -205,8 +206,7 @@ def _check(x, weight, bias, branch, eps, out_dtype) -> None:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
-    if x.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"x must be a CUDA tensor (got one on {x.device}); set TRITON_INTERPRET=1 for the CPU")
+    check_device("x", x, _INTERPRETED)
 
 
 def _launch_fwd(
@@ -233,7 +233,7 @@ def _launch_fwd(
     grid = (triton.cdiv(m, block_m),)
     if not _INTERPRETED:
         wrap_triton(_fwd_kernel)[grid](*args, **consts, num_warps=num_warps)
-    elif not _fake(*args):
+    elif not launch_skipped(*args):
         _fwd_kernel[grid](*args, **consts)
     return x_new, y, mean, rstd
 
@@ -261,14 +261,14 @@ def _launch_bwd(
     consts = {"D": d, "D_PAD": d_pad, "BLOCK_M": block_m, "HAS_DRES": dres is not None, "HAS_DBRANCH": write_dbranch}
     if not _INTERPRETED:
         wrap_triton(_bwd_kernel)[(progs,)](*args, **consts, num_warps=num_warps)
-    elif not _fake(*args):
+    elif not launch_skipped(*args):
         _bwd_kernel[(progs,)](*args, **consts)
     args = (dw_part, db_part, dw, db, progs)
     consts = {"D": d, "BLOCK_P": DWDB_BLOCK_P, "BLOCK_N": DWDB_BLOCK_N}
     grid = (triton.cdiv(d, DWDB_BLOCK_N),)
     if not _INTERPRETED:
         wrap_triton(_bwd_dwdb_kernel)[grid](*args, **consts, num_warps=4)
-    elif not _fake(*args):
+    elif not launch_skipped(*args):
         _bwd_dwdb_kernel[grid](*args, **consts)
     return dx, dbranch, dw, db
 
@@ -314,22 +314,10 @@ class LayerNormFunction(torch.autograd.Function):
         return dx, dbranch, dw if need[2] else None, db if need[3] else None, None, None
 
 
-def _op(name: str):
-    """``triton_op`` (Inductor sees and schedules the kernels); under ``TRITON_INTERPRET`` an opaque ``custom_op``
-    whose fake implementation is the same body with the launches skipped, so torch.compile still traces it."""
-
-    def wrap(fn):
-        if not _INTERPRETED:
-            return triton_op(name, mutates_args=())(fn)
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fn)
-        return op
-
-    return wrap
-
-
-layer_norm_fwd = _op("fastmae::layer_norm_fwd")(_launch_fwd)
-layer_norm_bwd = _op("fastmae::layer_norm_bwd")(_launch_bwd)
+# Torch integration (see fastmae.kernels._common.register_op): the two ops, tied by LayerNormFunction, which saves
+# x_new (or x), mean and rstd; the public op has the signature of fastmae.reference.layer_norm.
+layer_norm_fwd = register_op("fastmae::layer_norm_fwd")(_launch_fwd)
+layer_norm_bwd = register_op("fastmae::layer_norm_bwd")(_launch_bwd)
 
 
 def layer_norm(

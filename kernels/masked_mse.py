@@ -1,8 +1,8 @@
 """MAE's loss read straight from the image: masked rows only, per-patch normalization in registers.
 
 Math (names as in the code). ``pred [N, R, D]`` with ``D = P·P·C`` in (i, j, c) order, ``imgs [N, C, H, W]``,
-grid ``GH × GW`` patches (``L = GH·GW``). Row ``(n, r)`` scores patch ``l = r`` (:func:`masked_mse_loss`, R = L)
-or ``l = ids[n, r]`` (:func:`masked_mse_loss_rows`) with weight ``w = mask[n, r]`` (1 when there is no mask)::
+grid ``GH × GW`` patches (``L = GH·GW``). Row ``(n, r)`` scores patch ``l = r`` (R = L) or, given ``ids``,
+``l = ids[n, r]``, with weight ``w = mask[n, r]`` (1 when there is no mask)::
 
     t_q     = imgs[n, c, hh·P + i, ww·P + j]            hh = l // GW, ww = l % GW
     target  = t                                          (norm_pix_loss off)
@@ -12,14 +12,14 @@ or ``l = ids[n, r]`` (:func:`masked_mse_loss_rows`) with weight ``w = mask[n, r]
     loss    = Σ w · row_loss / Σ w
     dpred   = g · 2 · err · w / (D · Σ w)               (zeros where w = 0)
 
-Forward: ``_mse_fwd`` handles BLOCK_R rows × BLOCK_D (next power of two ≥ D, lanes ≥ D masked) per program. Rows
+Forward: ``_fwd_kernel`` handles BLOCK_R rows × BLOCK_D (next power of two ≥ D, lanes ≥ D masked) per program. Rows
 with ``w = 0`` are masked out of every load, so no byte of an unmasked patch's pred or pixels moves. Each program
-writes its partial ``Σ w·row_loss`` and ``Σ w`` (fp32); ``_mse_reduce`` (one program) sums the partials in a fixed
-order and writes ``loss`` and ``Σ w``: deterministic, no atomics. Accumulation is fp32 whatever the input dtypes.
+writes its partial ``Σ w·row_loss`` and ``Σ w`` (fp32); ``_fwd_reduce_kernel`` (one program) sums the partials in a
+fixed order and writes ``loss`` and ``Σ w``: deterministic, no atomics. Accumulation is fp32 whatever the input dtypes.
 Lanes are laid out in (c, i, j) order so that image loads run along contiguous pixel rows; pred is addressed
 through the (i, j, c) index of the same lane (any consistent lane permutation gives the same sums).
 
-Backward: ``_mse_bwd`` recomputes mean/rstd from the pixels (the row is re-read anyway to form the target, so
+Backward: ``_bwd_kernel`` recomputes mean/rstd from the pixels (the row is re-read anyway to form the target, so
 saving ``[N, L]`` statistics would only add traffic) and writes dpred in pred's dtype, zeros for rows with
 ``w = 0``. Nothing of size ``[N, L, D]`` is saved: only pred, imgs, the mask and a scalar ``Σ w``.
 
@@ -27,18 +27,13 @@ Semantics and constraints:
 - Masks may hold any weights (bool, int or float; fractional weights give the reference's weighted mean). Rows
   with ``w = 0`` are never read, so a NaN in an unscored row of pred does not reach the loss (the reference's
   ``0 · NaN`` would).
-- ``Σ w = 0`` (an all-zero mask) is an error. The loss is then NaN, as the reference's 0/0, and dpred is NaN. On the
-  CPU the ValueError is raised at once. On CUDA checking would cost a host sync per step (and break CUDA-graph
-  capture), so ``Σ w`` is copied to pinned host memory without blocking and the ValueError is raised by the next
-  call into this module (forward or backward) that finds the copy complete, or by :func:`check_mask_errors`.
+- ``Σ w = 0`` (an all-zero mask) is an error, as is an ``ids`` entry outside ``[0, L)``; the policy of
+  :mod:`fastmae.kernels._common`: CPU tensors are checked on the host (a ValueError at once); on CUDA the loss is
+  NaN (the reference's 0/0; a bad index never addresses memory, its row's loss and gradient are NaN) and the
+  forward kernels set a flag that ``fastmae.kernels.check_errors()`` reports.
 - ``imgs`` gets no gradient: MAE's images never require one, and a call with ``imgs.requires_grad`` under grad
   mode raises a ValueError rather than silently dropping it. Likewise for ``mask``.
-- ``ids`` (rows path): int64 ``[N, R]``; range checked on the CPU; on CUDA an out-of-range entry never addresses
-  memory, its row gives a NaN loss and NaN gradient.
 - Offsets along the batch are computed in int64.
-
-Tuning: one tile of about 4096 elements per program (BLOCK_R = 4096 / BLOCK_D rows, at most 16), 8 warps for the
-large tiles; chosen from D alone (no autotuning, so the reduction order is the same in every process).
 """
 
 from __future__ import annotations
@@ -46,41 +41,31 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from ._common import check_float, check_same_device, empty, unsupported_float
+from fastmae.kernels._common import (
+    check_device,
+    check_float,
+    check_same_device,
+    debug_check,
+    empty,
+    error_flags,
+    host_checks,
+    interpreting,
+    launch_skipped,
+    register_op,
+    unsupported_float,
+)
 
-__all__ = ["check_mask_errors", "masked_mse_loss", "masked_mse_loss_rows", "unsupported"]
-
-EPS = 1.0e-6
-REDUCE_BLOCK = 1024
+__all__ = ["masked_mse", "unsupported"]
 
 
 @triton.jit
 def _rows_err(
-    PRED,
-    IMGS,
-    MASK,
-    IDS,
-    pid,
-    total_rows,
-    R,
-    L,
-    GW,
-    s_pn,
-    s_pr,
-    s_pd,
-    s_in,
-    s_ic,
-    s_ih,
-    s_iw,
-    P: tl.constexpr,
-    C: tl.constexpr,
-    NORM: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    PRED, IMGS, MASK, IDS, pid, total_rows, R, L, GW, s_pn, s_pr, s_pd, s_in, s_ic, s_ih, s_iw,
+    P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_IDS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """Load BLOCK_R rows (live ones only) and return (rows, in_range, bad, w, err [BLOCK_R, BLOCK_D], j, q_ok)."""
     D = P * P * C
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # flat row index n·R + r
@@ -131,39 +116,21 @@ def _rows_err(
 
 
 @triton.jit
-def _mse_fwd(
-    PRED,
-    IMGS,
-    MASK,
-    IDS,
-    PART,
-    total_rows,
-    num_programs,
-    R,
-    L,
-    GW,
-    s_pn,
-    s_pr,
-    s_pd,
-    s_in,
-    s_ic,
-    s_ih,
-    s_iw,
-    P: tl.constexpr,
-    C: tl.constexpr,
-    NORM: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """PART[0, pid] = Σ w·row_loss over this program's rows, PART[1, pid] = Σ w."""
+def _fwd_kernel(
+    PRED, IMGS, MASK, IDS, PART, ERR, total_rows, num_programs, R, L, GW, s_pn, s_pr, s_pd, s_in, s_ic, s_ih, s_iw,
+    P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_IDS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """PART[0, pid] = Σ w·row_loss over this program's rows, PART[1, pid] = Σ w; ERR[0] = 1 on an index outside
+    [0, L)."""
     D = P * P * C
     pid = tl.program_id(0)
     rows, in_range, bad, w, err, j, q_ok = _rows_err(
         PRED, IMGS, MASK, IDS, pid, total_rows, R, L, GW, s_pn, s_pr, s_pd, s_in, s_ic, s_ih, s_iw,
         P, C, NORM, HAS_MASK, HAS_IDS, BLOCK_R, BLOCK_D,
     )  # fmt: skip
+    if HAS_IDS:
+        tl.store(ERR + tl.zeros([BLOCK_R], dtype=tl.int32), 1, mask=bad)
     row_loss = tl.sum(err * err, axis=1) / D
     contrib = tl.where(w != 0.0, w * row_loss, 0.0)
     contrib = tl.where(bad, float("nan"), contrib)
@@ -172,8 +139,8 @@ def _mse_fwd(
 
 
 @triton.jit
-def _mse_reduce(PART, LOSS, WSUM, num_programs, BLOCK: tl.constexpr):
-    """LOSS = Σ PART[0] / Σ PART[1], WSUM = Σ PART[1]: one program, fixed order."""
+def _fwd_reduce_kernel(PART, LOSS, WSUM, ERR, num_programs, BLOCK: tl.constexpr):
+    """LOSS = Σ PART[0] / Σ PART[1], WSUM = Σ PART[1]: one program, fixed order; ERR[1] = 1 when Σ w = 0."""
     acc_l = tl.zeros([BLOCK], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, num_programs, BLOCK):
@@ -185,36 +152,15 @@ def _mse_reduce(PART, LOSS, WSUM, num_programs, BLOCK: tl.constexpr):
     wsum = tl.sum(acc_w, axis=0)
     tl.store(LOSS, total / wsum)
     tl.store(WSUM, wsum)
+    tl.store(ERR + 1, 1, mask=wsum == 0.0)
 
 
 @triton.jit
-def _mse_bwd(
-    PRED,
-    IMGS,
-    MASK,
-    IDS,
-    GRAD,
-    WSUM,
-    DPRED,
-    total_rows,
-    R,
-    L,
-    GW,
-    s_pn,
-    s_pr,
-    s_pd,
-    s_in,
-    s_ic,
-    s_ih,
-    s_iw,
-    P: tl.constexpr,
-    C: tl.constexpr,
-    NORM: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _bwd_kernel(
+    PRED, IMGS, MASK, IDS, GRAD, WSUM, DPRED, total_rows, R, L, GW, s_pn, s_pr, s_pd, s_in, s_ic, s_ih, s_iw,
+    P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_IDS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """DPRED[n, r] = g · 2 · err · w / (D · Σ w), contiguous [N, R, D], every row written."""
     D = P * P * C
     pid = tl.program_id(0)
@@ -231,15 +177,38 @@ def _mse_bwd(
     tl.store(out, d.to(DPRED.dtype.element_ty), mask=in_range[:, None] & q_ok[None, :])
 
 
-def _tile(d: int) -> tuple[int, int, int]:
+# Tuning: one tile of about 4096 elements per program (BLOCK_R = 4096 / BLOCK_D rows, at most 16), 8 warps for the
+# large tiles; chosen from D alone (no autotuning, so the reduction order is the same in every process). The final
+# sum of the per-program partials runs in one program over REDUCE_BLOCK lanes.
+REDUCE_BLOCK = 1024
+
+
+def tiling(d: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps) for rows of d elements: a ~4096-element tile."""
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(16, 4096 // block_d))
     return block_r, block_d, (8 if block_r * block_d >= 4096 else 4)
 
 
-def _check_common(pred: torch.Tensor, imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool) -> tuple:
-    """Validate pred/imgs/patch_size; return (N, R, D, C, GH, GW)."""
+# triton.jit turned the kernels into interpreted functions when this was set at import.
+_INTERPRETED = interpreting()
+
+
+def unsupported(pred, imgs, *args) -> str | None:
+    """Why :func:`masked_mse` does not take arguments the eager loss accepts (a float64 tensor, images that require
+    grad), or None."""
+    reason = unsupported_float(pred=pred, imgs=imgs)
+    if reason is None and isinstance(imgs, torch.Tensor) and imgs.requires_grad and torch.is_grad_enabled():
+        reason = "imgs requires grad; the kernel gives the images no gradient"
+    return reason
+
+
+ZERO_MASK_MSG = "mask sums to zero: no patch is scored (the loss would be 0/0)"
+
+
+def _check(pred, imgs, mask, patch_size, norm_pix_loss, ids) -> tuple[int, int]:
+    """Raise a clear TypeError/ValueError for arguments the kernels do not take (bad ids and an all-zero mask: on
+    the host); return (C, GW)."""
     check_float("pred", pred)
     check_float("imgs", imgs)
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
@@ -257,193 +226,143 @@ def _check_common(pred: torch.Tensor, imgs: torch.Tensor, patch_size: int, norm_
         raise ValueError(f"imgs is {h}x{w}: both sides must be positive multiples of patch_size={p}")
     if n == 0 or pred.shape[0] != n:
         raise ValueError(f"pred has batch {pred.shape[0]}, imgs has {n}; both must be equal and non-zero")
-    d = p * p * c
+    d, num_rows, gh, gw = p * p * c, pred.shape[1], h // p, w // p
     if pred.shape[2] != d:
         raise ValueError(f"pred's last dim must be patch_size²·C = {p}²·{c} = {d}, got {pred.shape[2]}")
     if norm_pix_loss and d < 2:
         raise ValueError("norm_pix_loss needs at least 2 values per patch (unbiased variance)")
     if imgs.requires_grad and torch.is_grad_enabled():
         raise ValueError("imgs requires grad, but this loss gives no gradient to the images; pass imgs.detach()")
-    return n, pred.shape[1], d, c, h // p, w // p
-
-
-# Σ w results on CUDA not yet checked for zero: (event recorded after the copy, pinned host copy).
-_pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
-
-ZERO_MASK_MSG = "mask sums to zero: no patch is scored (the loss would be 0/0)"
-
-
-def check_mask_errors(wait: bool = True) -> None:
-    """Raise the ValueError of an earlier CUDA call whose mask summed to zero.
-
-    Args:
-        wait: wait for pending results (a host sync); False checks only those already complete.
-    """
-    bad = False
-    keep = []
-    for event, host in _pending:
-        if wait or event.query():
-            event.synchronize()
-            bad = bad or host.item() == 0.0
-        else:
-            keep.append((event, host))
-    _pending[:] = keep
-    if bad:
-        raise ValueError(ZERO_MASK_MSG + " (raised late: on CUDA the check does not block the step)")
-
-
-def _flag_zero_weight(wsum: torch.Tensor) -> None:
-    """Raise at once on the CPU; on CUDA queue a non-blocking check (see the module docstring)."""
-    if wsum.device.type != "cuda":
-        if wsum.item() == 0.0:
+    if ids is None and num_rows != gh * gw:
+        raise ValueError(f"pred has {num_rows} patches but imgs holds {gh}x{gw} = {gh * gw} of size {patch_size}")
+    if ids is not None:
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            raise TypeError(f"ids must be an int64 tensor [N, R], got {getattr(ids, 'dtype', type(ids).__name__)}")
+        if ids.shape != (n, num_rows) or num_rows == 0:
+            raise ValueError(f"ids must have shape [N, R] = [{n}, {num_rows}] with R ≥ 1, got {list(ids.shape)}")
+        check_same_device(pred=pred, ids=ids)
+        if host_checks(ids) and ((ids < 0).any() or (ids >= gh * gw).any()):
+            raise ValueError(f"ids must lie in [0, {gh * gw}) (the patches of a {gh}x{gw} grid)")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor [N, R] or None, got {type(mask).__name__}")
+        if mask.shape != (n, num_rows):
+            raise ValueError(f"mask must have shape [N, R] = [{n}, {num_rows}], got {list(mask.shape)}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be bool, integer or real floating, got {mask.dtype}")
+        check_same_device(pred=pred, mask=mask)
+        if mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError("mask requires grad, but this loss gives no gradient to the mask; pass mask.detach()")
+        if host_checks(mask) and mask.to(torch.float32).sum() == 0:
             raise ValueError(ZERO_MASK_MSG)
-        return
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return
-    host = torch.empty(1, dtype=torch.float32, pin_memory=True)
-    host.copy_(wsum, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    _pending.append((event, host))
+    check_device("pred", pred, _INTERPRETED)
+    return c, gw
 
 
-def _launch_args(pred, imgs, gw, patch_size, c, norm, has_mask, has_ids):
+def _plan(pred: torch.Tensor, imgs: torch.Tensor, patch_size: int, gw: int) -> tuple[int, int, tuple, dict]:
+    """(programs, num_warps, the row arguments R, L, GW and strides, the tile constexprs) of a launch."""
     n, rows, d = pred.shape
-    block_r, block_d, warps = _tile(d)
-    total = n * rows
-    grid = triton.cdiv(total, block_r)
-    ints = (total, rows, imgs.shape[2] // patch_size * gw, gw, *pred.stride(), *imgs.stride())
-    meta = dict(P=patch_size, C=c, NORM=norm, HAS_MASK=has_mask, HAS_IDS=has_ids, BLOCK_R=block_r, BLOCK_D=block_d)
-    return grid, ints, meta, warps
+    block_r, block_d, warps = tiling(d)
+    row_args = (rows, imgs.shape[2] // patch_size * gw, gw, *pred.stride(), *imgs.stride())
+    return triton.cdiv(n * rows, block_r), warps, row_args, {"BLOCK_R": block_r, "BLOCK_D": block_d}
 
 
-def _forward(pred, imgs, weights, ids, patch_size, c, gw, norm):
-    """Launch the forward kernels; return (loss [1] fp32, Σ w [1] fp32)."""
-    grid, ints, meta, warps = _launch_args(pred, imgs, gw, patch_size, c, norm, weights is not None, ids is not None)
-    part = empty(2, grid, dtype=torch.float32, device=pred.device)  # [2, programs]
-    total, rows, num_patches, gw_ = ints[:4]
-    _mse_fwd[(grid,)](
-        pred, imgs, pred if weights is None else weights, pred if ids is None else ids, part,
-        total, grid, rows, num_patches, gw_, *ints[4:], **meta, num_warps=warps,
-    )  # fmt: skip
+def _launch_fwd(
+    pred: torch.Tensor, imgs: torch.Tensor, weights: torch.Tensor | None, ids: torch.Tensor | None, err: torch.Tensor,
+    patch_size: int, c: int, gw: int, norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """loss ``[1]`` and Σ w ``[1]`` (fp32); ``err[0]`` set on an index outside [0, L), ``err[1]`` on Σ w = 0."""
+    progs, warps, row_args, tiles = _plan(pred, imgs, patch_size, gw)
+    consts = dict(P=patch_size, C=c, NORM=norm, HAS_MASK=weights is not None, HAS_IDS=ids is not None, **tiles)
+    part = empty(2, progs, dtype=torch.float32, device=pred.device)  # [2, programs]
+    mask_, ids_ = pred if weights is None else weights, pred if ids is None else ids
+    args = (pred, imgs, mask_, ids_, part, err, pred.shape[0] * pred.shape[1], progs, *row_args)
+    if not _INTERPRETED:
+        wrap_triton(_fwd_kernel)[(progs,)](*args, **consts, num_warps=warps)
+    elif not launch_skipped(*args):
+        _fwd_kernel[(progs,)](*args, **consts)
     loss = empty(1, dtype=torch.float32, device=pred.device)
     wsum = empty(1, dtype=torch.float32, device=pred.device)
-    _mse_reduce[(1,)](part, loss, wsum, grid, BLOCK=REDUCE_BLOCK, num_warps=4)
+    args = (part, loss, wsum, err, progs)
+    if not _INTERPRETED:
+        wrap_triton(_fwd_reduce_kernel)[(1,)](*args, BLOCK=REDUCE_BLOCK, num_warps=4)
+    elif not launch_skipped(*args):
+        _fwd_reduce_kernel[(1,)](*args, BLOCK=REDUCE_BLOCK)
     return loss, wsum
 
 
-def _backward(grad, pred, imgs, weights, ids, wsum, patch_size, c, gw, norm):
-    """Launch the backward kernel; return dpred, contiguous [N, R, D] in pred's dtype."""
-    grid, ints, meta, warps = _launch_args(pred, imgs, gw, patch_size, c, norm, weights is not None, ids is not None)
+def _launch_bwd(
+    grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, weights: torch.Tensor | None,
+    ids: torch.Tensor | None, wsum: torch.Tensor, patch_size: int, c: int, gw: int, norm: bool,
+) -> torch.Tensor:  # fmt: skip
+    """dpred, contiguous ``[N, R, D]`` in pred's dtype, for the upstream gradient ``grad [1]``."""
+    progs, warps, row_args, tiles = _plan(pred, imgs, patch_size, gw)
+    consts = dict(P=patch_size, C=c, NORM=norm, HAS_MASK=weights is not None, HAS_IDS=ids is not None, **tiles)
     dpred = empty(*pred.shape, dtype=pred.dtype, device=pred.device)  # [N, R, D]
-    grad = grad.detach().to(torch.float32).reshape(1)
-    _mse_bwd[(grid,)](
-        pred, imgs, pred if weights is None else weights, pred if ids is None else ids, grad, wsum, dpred,
-        *ints, **meta, num_warps=warps,
-    )  # fmt: skip
+    mask_, ids_ = pred if weights is None else weights, pred if ids is None else ids
+    args = (pred, imgs, mask_, ids_, grad.to(torch.float32), wsum, dpred, pred.shape[0] * pred.shape[1], *row_args)
+    if not _INTERPRETED:
+        wrap_triton(_bwd_kernel)[(progs,)](*args, **consts, num_warps=warps)
+    elif not launch_skipped(*args):
+        _bwd_kernel[(progs,)](*args, **consts)
     return dpred
 
 
-class _MaskedMSE(torch.autograd.Function):
+class MaskedMSEFunction(torch.autograd.Function):
+    """Autograd of the fused loss (a ``[1]`` tensor): the gradient of pred only."""
+
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, pred, imgs, weights, ids, patch_size, c, gw, norm):
-        loss, wsum = _forward(pred, imgs, weights, ids, patch_size, c, gw, norm)
+        err = error_flags("masked_mse", pred.device)
+        loss, wsum = masked_mse_fwd(pred, imgs, weights, ids, err, patch_size, c, gw, norm)
         ctx.save_for_backward(pred, imgs, weights, ids, wsum)
         ctx.meta = (patch_size, c, gw, norm)
-        if weights is not None:
-            _flag_zero_weight(wsum)
         return loss
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         pred, imgs, weights, ids, wsum = ctx.saved_tensors
-        dpred = None
-        if ctx.needs_input_grad[0]:
-            if pred.is_cuda and _pending:
-                check_mask_errors(wait=False)
-            dpred = _backward(grad, pred, imgs, weights, ids, wsum, *ctx.meta)
+        dpred = masked_mse_bwd(grad, pred, imgs, weights, ids, wsum, *ctx.meta) if ctx.needs_input_grad[0] else None
         return dpred, None, None, None, None, None, None, None
 
 
-def unsupported(pred, imgs, *args) -> str | None:
-    """Why :func:`masked_mse_loss` or :func:`masked_mse_loss_rows` does not take arguments the eager loss accepts
-    (a float64 tensor, images that require grad), or None."""
-    reason = unsupported_float(pred=pred, imgs=imgs)
-    if reason is None and isinstance(imgs, torch.Tensor) and imgs.requires_grad and torch.is_grad_enabled():
-        reason = "imgs requires grad; the kernel gives the images no gradient"
-    return reason
+# Torch integration (see fastmae.kernels._common.register_op): the forward op writes the error flags it is given
+# (mutates_args) and returns the loss with Σ w, which MaskedMSEFunction saves with pred, imgs, mask and ids.
+masked_mse_fwd = register_op("fastmae::masked_mse_fwd", mutates_args=("err",))(_launch_fwd)
+masked_mse_bwd = register_op("fastmae::masked_mse_bwd")(_launch_bwd)
 
 
-def masked_mse_loss(
+def masked_mse(
     pred: torch.Tensor,
     imgs: torch.Tensor,
     mask: torch.Tensor | None,
     patch_size: int,
     norm_pix_loss: bool = False,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MAE's loss, read from the image for the scored patches only; see :func:`fastmae.reference.masked_mse_loss`.
+    """MAE's loss, read from the image for the scored patches only; see :func:`fastmae.reference.masked_mse`.
 
     Args:
-        pred: ``[N, L, p²·C]`` predictions, (i, j, c) order within a patch; any strides, fp32/fp16/bf16.
+        pred: ``[N, R, p²·C]`` predictions, (i, j, c) order within a patch, of every patch (``R = L``) or with
+            ``ids`` of the patches ``ids`` names; any strides, fp32/fp16/bf16.
         imgs: ``[N, C, H, W]``, any strides, fp32/fp16/bf16; must not require grad.
-        mask: ``[N, L]`` weights, 1 = removed (scored), 0 = visible (never read); bool, int or float; None scores
-            every patch. A mask summing to zero raises a ValueError (on CUDA, late: see :func:`check_mask_errors`).
+        mask: ``[N, R]`` weights of pred's rows, 1 = removed (scored), 0 = visible (never read); bool, int or float;
+            None scores every row. A mask summing to zero is an error (on CUDA: a NaN loss and a flag for
+            ``fastmae.kernels.check_errors``).
         patch_size: p.
         norm_pix_loss: normalize each target patch by its mean and unbiased variance (+1e-6).
+        ids: optional ``[N, R]`` int64 patch indices in ``[0, L)`` (raster order of the patch grid): row r of pred
+            predicts patch ``ids[n, r]``. With the masked patches of a 0/1 mask (and no ``mask``) this is the loss
+            of the full prediction, without the decoder ever predicting the visible patches.
 
     Returns:
         A float32 scalar: ``Σ mask · mean_j (pred − target)² / Σ mask``.
     """
-    n, num_rows, _, c, gh, gw = _check_common(pred, imgs, patch_size, norm_pix_loss)
-    if num_rows != gh * gw:
-        raise ValueError(f"pred has {num_rows} patches but imgs holds {gh}x{gw} = {gh * gw} of size {patch_size}")
-    weights = None
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor [N, L] or None, got {type(mask).__name__}")
-        if mask.shape != (n, num_rows):
-            raise ValueError(f"mask must have shape [N, L] = [{n}, {num_rows}], got {list(mask.shape)}")
-        if mask.is_complex():
-            raise TypeError(f"mask must be bool, integer or real floating, got {mask.dtype}")
-        check_same_device(pred=pred, mask=mask)
-        if mask.requires_grad and torch.is_grad_enabled():
-            raise ValueError("mask requires grad, but this loss gives no gradient to the mask; pass mask.detach()")
-        weights = mask.to(torch.float32).contiguous()  # [N, L]
-    if pred.is_cuda and _pending:
-        check_mask_errors(wait=False)
-    return _MaskedMSE.apply(pred, imgs, weights, None, patch_size, c, gw, norm_pix_loss).view(())  # []
-
-
-def masked_mse_loss_rows(
-    pred: torch.Tensor,
-    imgs: torch.Tensor,
-    ids: torch.Tensor,
-    patch_size: int,
-    norm_pix_loss: bool = False,
-) -> torch.Tensor:
-    """The same loss when pred holds only the scored patches: ``mean over rows of mean_j (pred − target)²``.
-
-    With ``ids`` the masked patches of a 0/1 mask (e.g. in raster order), this equals
-    ``masked_mse_loss(full_pred, imgs, mask, ...)`` without the decoder ever predicting the visible patches.
-
-    Args:
-        pred: ``[N, M, p²·C]`` predictions of the patches ``ids`` names, (i, j, c) order; any strides.
-        imgs: ``[N, C, H, W]``; must not require grad.
-        ids: ``[N, M]`` int64 patch indices in ``[0, L)`` (raster order of the patch grid).
-        patch_size: p.
-        norm_pix_loss: normalize each target patch by its mean and unbiased variance (+1e-6).
-
-    Returns:
-        A float32 scalar.
-    """
-    n, num_rows, _, c, gh, gw = _check_common(pred, imgs, patch_size, norm_pix_loss)
-    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
-        raise TypeError(f"ids must be an int64 tensor [N, M], got {getattr(ids, 'dtype', type(ids).__name__)}")
-    if ids.shape != (n, num_rows) or num_rows == 0:
-        raise ValueError(f"ids must have shape [N, M] = [{n}, {num_rows}] with M ≥ 1, got {list(ids.shape)}")
-    check_same_device(pred=pred, ids=ids)
-    if not ids.is_cuda and ((ids < 0).any() or (ids >= gh * gw).any()):
-        raise ValueError(f"ids must lie in [0, {gh * gw}) (the patches of a {gh}x{gw} grid)")
-    return _MaskedMSE.apply(pred, imgs, None, ids.contiguous(), patch_size, c, gw, norm_pix_loss).view(())  # []
+    c, gw = _check(pred, imgs, mask, patch_size, norm_pix_loss, ids)
+    weights = None if mask is None else mask.to(torch.float32).contiguous()  # [N, R]
+    ids = None if ids is None else ids.contiguous()  # [N, R]
+    loss = MaskedMSEFunction.apply(pred, imgs, weights, ids, patch_size, c, gw, norm_pix_loss).view(())  # []
+    debug_check()
+    return loss

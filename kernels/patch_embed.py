@@ -39,17 +39,11 @@ cls_token.dtype)``; under autocast with MAE's fp32 ``pos_embed`` that is fp32, e
 ``conv(bf16) + pos_embed(fp32)`` is in the original. fp32 GEMMs use TF32 when
 ``torch.backends.cudnn.allow_tf32`` is set, like the conv they replace. Gradients come back in each input's dtype.
 
-``pos_embed`` is MAE's fixed sin-cos table: its gradient is not computed, and a ``pos_embed`` that requires grad
-(with grad mode on) is refused with a ValueError; use :func:`fastmae.reference.patch_embed_visible` for a learned
-one. ``ids_keep`` is range-checked on the host (one device-to-host sync per call; skipped under ``torch.compile``
-and during CUDA-graph capture, where an out-of-range index gives NaN rows instead of a memory fault). H and W
-must be multiples of P.
-
-Tuning: tile shapes come from the shapes and dtypes alone (:func:`_config_name`: 128×128 tiles with a 64-deep
-reduction tile for D ≥ 256 and 1024+ kept patches, 32-deep when an operand is stored in fp32; 32×32×32 for
-smaller problems) rather than from ``@triton.autotune``, so the reduction order and hence the bits do not depend
-on a timing race; nothing is queried from the GPU. Forward programs are ordered with the D tiles of one row tile
-adjacent, so the gathered A tile is re-read from L2.
+Constraints: H and W multiples of P. ``pos_embed`` is MAE's fixed sin-cos table: its gradient is not computed, and
+a ``pos_embed`` that requires grad (with grad mode on) is refused with a ValueError; use
+:func:`fastmae.reference.patch_embed` for a learned one. ``ids_keep`` must hold indices in ``[0, L)``: checked on the
+host for CPU tensors; on CUDA (the policy of :mod:`fastmae.kernels._common`) an index outside never addresses
+memory, its output row is NaN, ``_fwd_kernel`` flags it, and the backward leaves it out of dW.
 """
 
 from __future__ import annotations
@@ -57,16 +51,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastmae.kernels._common import check_float, check_same_device, empty, interpreting, unsupported_float
+from torch.library import wrap_triton
+
+from fastmae.kernels._common import (
+    check_device,
+    check_float,
+    check_same_device,
+    debug_check,
+    empty,
+    error_flags,
+    host_checks,
+    interpreting,
+    launch_skipped,
+    register_op,
+    unsupported_float,
+)
 
 # Compute dtype codes passed to the kernels as the constexpr CT.
 CT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-# Target number of programs for the split dW reduction (a few waves of a large GPU).
-DW_TARGET_PROGRAMS = 528
-# Each dW split covers at least this many BLOCK_M row tiles.
-DW_MIN_TILES_PER_SPLIT = 4
-REDUCE_BLOCK = 512
 
 
 @triton.jit
@@ -95,7 +97,7 @@ def _round_to_ct(x, CT: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    IMG, IDS, W, B, POS, CLS, OUT,
+    IMG, IDS, W, B, POS, CLS, OUT, ERR,
     ROWS, K, D, R, L, GW,
     s_in, s_ic, s_ih, s_iw,
     s_idn, s_idk,
@@ -105,7 +107,8 @@ def _fwd_kernel(
     P: tl.constexpr, CT: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M tokens, BLOCK_N channels] tile of out; token rows are flat n·(1+K) + t, t = 0 the cls row."""
+    """One [BLOCK_M tokens, BLOCK_N channels] tile of out; token rows are flat n·(1+K) + t, t = 0 the cls row.
+    ERR[0] = 1 when a row's patch index is outside [0, L)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(D, BLOCK_N)
     pid_m = pid // num_n
@@ -119,6 +122,7 @@ def _fwd_kernel(
     lp = tl.load(IDS + n * s_idn + (t - 1) * s_idk, mask=row_ok & (t > 0), other=0)
     l_ok = (lp >= 0) & (lp < L)
     is_patch = row_ok & (t > 0) & l_ok
+    tl.store(ERR + tl.zeros([BLOCK_M], dtype=tl.int32), 1, mask=row_ok & (t > 0) & (l_ok == 0))
     a_row = n * s_in + (lp // GW) * (P * s_ih) + (lp % GW) * (P * s_iw)  # [BLOCK_M] image offset of the patch
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_K):
@@ -155,14 +159,15 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dw_kernel(
     IMG, IDS, G, WS,
-    MK, K, D, R, GW, ROWS_PER_SPLIT, WS_STRIDE,
+    MK, K, D, R, L, GW, ROWS_PER_SPLIT, WS_STRIDE,
     s_in, s_ic, s_ih, s_iw,
     s_idn, s_idk,
     s_gn, s_gt, s_gd,
     P: tl.constexpr, CT: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """Partial dW[BLOCK_D, BLOCK_R] (and, in the r-tile-0 programs, partial dbias) over one split of the rows."""
+    """Partial dW[BLOCK_D, BLOCK_R] (and, in the r-tile-0 programs, partial dbias) over one split of the rows; a
+    patch index outside [0, L) contributes nothing to dW."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_r = tl.cdiv(R, BLOCK_R)
@@ -187,8 +192,9 @@ def _bwd_dw_kernel(
         k = ms % K
         lp = tl.load(IDS + n * s_idn + k * s_idk, mask=m_ok, other=0)
         a_row = n * s_in + (lp // GW) * (P * s_ih) + (lp % GW) * (P * s_iw)
+        a_ok = m_ok & (lp >= 0) & (lp < L)
         a = tl.load(
-            IMG + a_row[:, None] + col_off[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+            IMG + a_row[:, None] + col_off[None, :], mask=a_ok[:, None] & r_ok[None, :], other=0.0
         )  # [BLOCK_M, BLOCK_R]
         g = tl.load(
             G + (n * s_gn + (k + 1) * s_gt)[:, None] + ds[None, :] * s_gd,
@@ -281,6 +287,12 @@ def _bwd_dimg_kernel(
     )
 
 
+# Tuning: tile shapes come from the shapes and dtypes alone (_config_name: 128×128 tiles with a 64-deep reduction
+# tile for D ≥ 256 and 1024+ kept patches, 32-deep when an operand is stored in fp32; 32×32×32 for smaller problems)
+# rather than from @triton.autotune, so the reduction order and hence the bits do not depend on a timing race;
+# nothing is queried from the GPU. Forward programs are ordered with the D tiles of one row tile adjacent, so the
+# gathered A tile is re-read from L2.
+#
 # Tile configs (BLOCK over output rows, BLOCK over output columns, BLOCK over the reduction, num_warps, num_stages),
 # shared by the three GEMM kernels: forward [tokens × D] over R, dW [D × R] over kept rows, dimgs [patches × R]
 # over D. "large16"/"large32" serve the ViT shapes (D = 384..1280, batches of 1024+ tokens) with 16-bit or fp32
@@ -291,6 +303,13 @@ CONFIGS = {
     "large16": (128, 128, 64, 8, 3),
     "large32": (128, 128, 32, 8, 3),
 }
+
+
+# The split dW reduction: a target number of programs (a few waves of a large GPU), each split covering at least
+# DW_MIN_TILES_PER_SPLIT row tiles; the ordered sum of the splits runs REDUCE_BLOCK elements per program.
+DW_TARGET_PROGRAMS = 528
+DW_MIN_TILES_PER_SPLIT = 4
+REDUCE_BLOCK = 512
 
 
 def _config_name(d: int, tokens: int, *operands: torch.Tensor) -> str:
@@ -316,8 +335,22 @@ def _geometry(imgs: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
     return n, c, d, p, w // p, (h // p) * (w // p), c * p * p
 
 
-def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.dtype:
-    """Validate a call; return the GEMM's compute dtype (the autocast dtype under autocast, else imgs.dtype)."""
+# triton.jit turned the kernels into interpreted functions when this was set at import.
+_INTERPRETED = interpreting()
+
+
+def unsupported(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> str | None:
+    """Why :func:`patch_embed` does not take arguments the eager op accepts (a float64 tensor, a pos_embed
+    that requires grad), or None."""
+    reason = unsupported_float(imgs=imgs, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
+    if reason is None and isinstance(pos_embed, torch.Tensor) and pos_embed.requires_grad and torch.is_grad_enabled():
+        reason = "pos_embed requires grad; the kernel treats it as MAE's fixed sin-cos table"
+    return reason
+
+
+def _check(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.dtype:
+    """Raise a clear TypeError/ValueError for arguments the kernels do not take (ids_keep's values: on the host);
+    return the GEMM's compute dtype (the autocast dtype under autocast, else imgs.dtype)."""
     for name, t in (("imgs", imgs), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
         check_float(name, t)
     check_float("cls_token", cls_token)
@@ -345,14 +378,11 @@ def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.d
     if tuple(cls_token.shape) != (1, 1, d):
         raise ValueError(f"cls_token must be [1, 1, D] = [1, 1, {d}], got shape {list(cls_token.shape)}")
     check_same_device(imgs=imgs, ids_keep=ids_keep, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
-    if not imgs.is_cuda and not interpreting():
-        raise ValueError(
-            f"patch_embed_visible runs on CUDA tensors (got {imgs.device}); set TRITON_INTERPRET=1 for CPU"
-        )
+    check_device("imgs", imgs, _INTERPRETED)
     if pos_embed.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "pos_embed requires grad, but this kernel treats it as MAE's fixed sin-cos table and computes no "
-            "gradient for it; set pos_embed.requires_grad_(False) or use fastmae.reference.patch_embed_visible"
+            "gradient for it; set pos_embed.requires_grad_(False) or use fastmae.reference.patch_embed"
         )
     device_type = imgs.device.type
     if torch.is_autocast_enabled(device_type):
@@ -366,49 +396,45 @@ def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> torch.d
                 f"imgs, weight and bias must share one dtype outside autocast, got {imgs.dtype}, {weight.dtype} and "
                 f"{bias.dtype}"
             )
-    capturing = torch.compiler.is_compiling() or (imgs.is_cuda and torch.cuda.is_current_stream_capturing())
-    if ids_keep.numel() and not capturing:
-        lo, hi = torch.stack(torch.aminmax(ids_keep)).tolist()  # one device-to-host copy
+    if ids_keep.numel() and host_checks(ids_keep):
+        lo, hi = torch.stack(torch.aminmax(ids_keep)).tolist()
         if lo < 0 or hi >= num_patches:
             raise ValueError(f"ids_keep must hold patch indices in [0, L={num_patches}), got values in [{lo}, {hi}]")
     return ct
 
 
-def unsupported(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> str | None:
-    """Why :func:`patch_embed_visible` does not take arguments the eager op accepts (a float64 tensor, a pos_embed
-    that requires grad), or None."""
-    reason = unsupported_float(imgs=imgs, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
-    if reason is None and isinstance(pos_embed, torch.Tensor) and pos_embed.requires_grad and torch.is_grad_enabled():
-        reason = "pos_embed requires grad; the kernel treats it as MAE's fixed sin-cos table"
-    return reason
-
-
-def _launch_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct, out_dtype, allow_tf32) -> torch.Tensor:
-    """out [N, 1+K, D] in one launch of _fwd_kernel."""
+def _launch_fwd(
+    imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor,
+    cls_token: torch.Tensor, err: torch.Tensor, ct: torch.dtype, out_dtype: torch.dtype, allow_tf32: bool,
+) -> torch.Tensor:  # fmt: skip
+    """out ``[N, 1+K, D]`` in one launch of _fwd_kernel; ``err[0]`` set on a patch index outside [0, L)."""
     n, c, d, p, gw, num_patches, r = _geometry(imgs, weight)
     k = ids_keep.shape[1]
-    out = empty(n, 1 + k, d, dtype=out_dtype, device=imgs.device)
+    out = empty(n, 1 + k, d, dtype=out_dtype, device=imgs.device)  # [N, 1+K, D]
+    if out.numel() == 0:
+        return out
     bm, bn, bk, warps, stages = CONFIGS[_config_name(d, n * k, imgs, weight)]
     rows = n * (1 + k)
     grid = (triton.cdiv(rows, bm) * triton.cdiv(d, bn),)
-    if out.numel() == 0:
-        return out
     pos = pos_embed[0]  # [1+L, D]
-    _fwd_kernel[grid](
-        imgs, ids_keep, weight, bias, pos, cls_token, out,
+    args = (
+        imgs, ids_keep, weight, bias, pos, cls_token, out, err,
         rows, k, d, r, num_patches, gw,
         *imgs.stride(), *ids_keep.stride(), *weight.stride(),
         bias.stride(0), pos.stride(0), pos.stride(1), cls_token.stride(2),
         *out.stride(),
-        P=p, CT=CT_CODE[ct], ALLOW_TF32=allow_tf32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    consts = dict(P=p, CT=CT_CODE[ct], ALLOW_TF32=allow_tf32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if not _INTERPRETED:
+        wrap_triton(_fwd_kernel)[grid](*args, **consts, num_warps=warps, num_stages=stages)
+    elif not launch_skipped(*args):
+        _fwd_kernel[grid](*args, **consts)
     return out
 
 
-def _launch_param_grads(dout, imgs, ids_keep, weight, bias_dtype, cls_dtype, ct, allow_tf32):
+def _launch_bwd_params(dout, imgs, ids_keep, weight, bias_dtype, cls_dtype, ct, allow_tf32):
     """(dW [D, C, p, p], dbias [D], dcls [1, 1, D]): split dW/dbias partials, then one ordered reduction."""
-    n, c, d, p, gw, _, r = _geometry(imgs, weight)
+    n, c, d, p, gw, num_patches, r = _geometry(imgs, weight)
     k = ids_keep.shape[1]
     dev = imgs.device
     bd, br, bm, warps, stages = CONFIGS[_config_name(d, n * k, imgs, dout)]
@@ -416,61 +442,85 @@ def _launch_param_grads(dout, imgs, ids_keep, weight, bias_dtype, cls_dtype, ct,
     split, rows_per = _dw_split(n * k, tiles, bm)
     ws_stride = d * r + d
     ws = empty(split, ws_stride, dtype=torch.float32, device=dev)  # [SPLIT, D·R + D] fp32 partials
-    _bwd_dw_kernel[(tiles, split)](
+    args = (
         imgs, ids_keep, dout, ws,
-        n * k, max(k, 1), d, r, gw, rows_per, ws_stride,
+        n * k, max(k, 1), d, r, num_patches, gw, rows_per, ws_stride,
         *imgs.stride(), *ids_keep.stride(), *dout.stride(),
-        P=p, CT=CT_CODE[ct], ALLOW_TF32=allow_tf32,
-        BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    consts = dict(P=p, CT=CT_CODE[ct], ALLOW_TF32=allow_tf32, BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br)
+    if not _INTERPRETED:
+        wrap_triton(_bwd_dw_kernel)[(tiles, split)](*args, **consts, num_warps=warps, num_stages=stages)
+    elif not launch_skipped(*args):
+        _bwd_dw_kernel[(tiles, split)](*args, **consts)
     dw = empty(d, c, p, p, dtype=weight.dtype, device=dev)
     db = empty(d, dtype=bias_dtype, device=dev)
     dcls = empty(1, 1, d, dtype=cls_dtype, device=dev)
     grid = (triton.cdiv(ws_stride, REDUCE_BLOCK) + triton.cdiv(d, REDUCE_BLOCK),)
-    _bwd_reduce_kernel[grid](
-        ws, dout, dw, db, dcls,
-        split, ws_stride, d * r, d, n,
-        dout.stride(0), dout.stride(2),
-        BLOCK=REDUCE_BLOCK, num_warps=4,
-    )  # fmt: skip
+    args = (ws, dout, dw, db, dcls, split, ws_stride, d * r, d, n, dout.stride(0), dout.stride(2))
+    if not _INTERPRETED:
+        wrap_triton(_bwd_reduce_kernel)[grid](*args, BLOCK=REDUCE_BLOCK, num_warps=4)
+    elif not launch_skipped(*args):
+        _bwd_reduce_kernel[grid](*args, BLOCK=REDUCE_BLOCK)
     return dw, db, dcls
 
 
-def _launch_dimgs(dout, imgs, ids_keep, weight, ct, allow_tf32) -> torch.Tensor:
+def _launch_bwd_dimgs(dout, imgs, ids_keep, weight, ct, allow_tf32) -> torch.Tensor:
     """dimgs in imgs' dtype and memory format: every patch written, the unkept ones with zeros."""
     n, c, d, p, gw, num_patches, r = _geometry(imgs, weight)
     dev = imgs.device
     h, w = imgs.shape[2:]
-    if imgs.dim() == 4 and not imgs.is_contiguous() and imgs.is_contiguous(memory_format=torch.channels_last):
+    if not imgs.is_contiguous() and imgs.is_contiguous(memory_format=torch.channels_last):
         dimgs = empty(n, h, w, c, dtype=imgs.dtype, device=dev).permute(0, 3, 1, 2)  # [N, C, H, W] channels_last
     else:
-        dimgs = empty(n, c, h, w, dtype=imgs.dtype, device=dev)
+        dimgs = empty(n, c, h, w, dtype=imgs.dtype, device=dev)  # [N, C, H, W]
     sorted_ids, perm = torch.sort(ids_keep.contiguous(), dim=1, stable=True)  # [N, K] each, contiguous
     patch = torch.arange(num_patches, device=dev).expand(n, num_patches).contiguous()  # [N, L]
     start = torch.searchsorted(sorted_ids, patch)  # [N, L] first sorted position holding patch l
     cnt = torch.searchsorted(sorted_ids, patch, right=True) - start  # [N, L] how many rows kept patch l
     bm, br, bd, warps, stages = CONFIGS[_config_name(d, ids_keep.numel(), dout, weight)]
     grid = (triton.cdiv(n * num_patches, bm) * triton.cdiv(r, br),)
-    _bwd_dimg_kernel[grid](
+    args = (
         dout, weight, start, cnt, perm, dimgs,
         n * num_patches, num_patches, d, r, gw,
         *dout.stride(), *weight.stride(), perm.stride(0), *dimgs.stride(),
-        P=p, CT=CT_CODE[ct], ALLOW_TF32=allow_tf32,
-        BLOCK_M=bm, BLOCK_R=br, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    consts = dict(P=p, CT=CT_CODE[ct], ALLOW_TF32=allow_tf32, BLOCK_M=bm, BLOCK_R=br, BLOCK_D=bd)
+    if not _INTERPRETED:
+        wrap_triton(_bwd_dimg_kernel)[grid](*args, **consts, num_warps=warps, num_stages=stages)
+    elif not launch_skipped(*args):
+        _bwd_dimg_kernel[grid](*args, **consts)
     return dimgs
 
 
-class _PatchEmbedVisible(torch.autograd.Function):
+def _launch_bwd(
+    dout: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias_dtype: torch.dtype,
+    cls_dtype: torch.dtype, ct: torch.dtype, allow_tf32: bool, need_img: bool, need_params: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dimgs, dW, dbias, dcls) in their inputs' dtypes; empty placeholders for those not asked for (need_img:
+    dimgs; need_params: the others)."""
+    if need_params:
+        dw, db, dcls = _launch_bwd_params(dout, imgs, ids_keep, weight, bias_dtype, cls_dtype, ct, allow_tf32)
+    else:
+        dw, db, dcls = (empty(0, dtype=dt, device=dout.device) for dt in (weight.dtype, bias_dtype, cls_dtype))
+    if need_img:
+        dimgs = _launch_bwd_dimgs(dout, imgs, ids_keep, weight, ct, allow_tf32)
+    else:
+        dimgs = empty(0, dtype=imgs.dtype, device=dout.device)
+    return dimgs, dw, db, dcls
+
+
+class PatchEmbedFunction(torch.autograd.Function):
+    """Autograd of the fused op: gradients of imgs (when it requires one), weight, bias and cls_token."""
+
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, imgs, ids_keep, weight, bias, pos_embed, cls_token, ct):
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
         out_dtype = torch.promote_types(torch.promote_types(ct, pos_embed.dtype), cls_token.dtype)
-        out = _launch_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct, out_dtype, allow_tf32)
+        err = error_flags("patch_embed", imgs.device)
+        out = patch_embed_fwd(imgs, ids_keep, weight, bias, pos_embed, cls_token, err, ct, out_dtype, allow_tf32)
         ctx.save_for_backward(imgs, ids_keep, weight)
-        ctx.ct, ctx.allow_tf32 = ct, allow_tf32
-        ctx.bias_dtype, ctx.cls_dtype = bias.dtype, cls_token.dtype
+        ctx.meta = (bias.dtype, cls_token.dtype, ct, allow_tf32)
         return out
 
     @staticmethod
@@ -479,25 +529,22 @@ class _PatchEmbedVisible(torch.autograd.Function):
     def backward(ctx, dout):
         imgs, ids_keep, weight = ctx.saved_tensors
         need_img, _, need_w, need_b, _, need_cls, _ = ctx.needs_input_grad
-        dimgs = dw = db = dcls = None
-        if need_w or need_b or need_cls:
-            dw, db, dcls = _launch_param_grads(
-                dout, imgs, ids_keep, weight, ctx.bias_dtype, ctx.cls_dtype, ctx.ct, ctx.allow_tf32
-            )
-        if need_img:
-            dimgs = _launch_dimgs(dout, imgs, ids_keep, weight, ctx.ct, ctx.allow_tf32)
-        return (
-            dimgs,
-            None,
-            dw if need_w else None,
-            db if need_b else None,
-            None,
-            dcls if need_cls else None,
-            None,
-        )
+        if not (need_img or need_w or need_b or need_cls):
+            return (None,) * 7
+        need_params = need_w or need_b or need_cls
+        dimgs, dw, db, dcls = patch_embed_bwd(dout, imgs, ids_keep, weight, *ctx.meta, need_img, need_params)
+        keep = lambda t, need: t if need else None
+        return keep(dimgs, need_img), None, keep(dw, need_w), keep(db, need_b), None, keep(dcls, need_cls), None
 
 
-def patch_embed_visible(
+# Torch integration (see fastmae.kernels._common.register_op): the forward op writes the error flags it is given
+# (mutates_args), the backward op computes the gradients asked for; PatchEmbedFunction ties them, saving imgs,
+# ids_keep and weight (no im2col) and running under autocast's compute dtype.
+patch_embed_fwd = register_op("fastmae::patch_embed_fwd", mutates_args=("err",))(_launch_fwd)
+patch_embed_bwd = register_op("fastmae::patch_embed_bwd")(_launch_bwd)
+
+
+def patch_embed(
     imgs: torch.Tensor,
     ids_keep: torch.Tensor,
     weight: torch.Tensor,
@@ -507,7 +554,7 @@ def patch_embed_visible(
 ) -> torch.Tensor:
     """Patch embedding of the visible patches, with positions and the cls token, as one fused kernel.
 
-    Same arguments and result as :func:`fastmae.reference.patch_embed_visible`; differentiable with respect to
+    Same arguments and result as :func:`fastmae.reference.patch_embed`; differentiable with respect to
     ``imgs`` (when it requires grad), ``weight``, ``bias`` and ``cls_token``. ``pos_embed`` is fixed: a
     ``pos_embed`` that requires grad is refused (ValueError) while grad mode is on.
 
@@ -522,5 +569,7 @@ def patch_embed_visible(
         Its dtype is the eager op's: ``promote(compute dtype, pos_embed.dtype, cls_token.dtype)``, where the
         compute dtype is the autocast dtype under ``torch.autocast`` and imgs.dtype otherwise.
     """
-    ct = _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token)
-    return _PatchEmbedVisible.apply(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct)
+    ct = _check(imgs, ids_keep, weight, bias, pos_embed, cls_token)
+    out = PatchEmbedFunction.apply(imgs, ids_keep, weight, bias, pos_embed, cls_token, ct)
+    debug_check()
+    return out

@@ -59,6 +59,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastmae.kernels._common import FLOAT_DTYPES, empty, interpreting
 
 META_COLS = 9  # per image: address, stride_c, stride_h, stride_w, top, left, h, w, flip
@@ -177,6 +178,14 @@ TILE = 32
 BLOCK = {False: 32, True: 64}
 WIDE_SCALE = 4.0
 NUM_WARPS = 8
+
+
+def unsupported(images, boxes, flips, size, mean, std, dtype=torch.float32) -> str | None:
+    """Why :func:`resized_crop` does not take arguments the eager op accepts (an output dtype other than float32,
+    float16 or bfloat16), from the dtype alone; None when it does or when they are malformed (both then raise)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype not in FLOAT_DTYPES:
+        return f"dtype is {dtype}; the kernel takes float32, float16 or bfloat16"
+    return None
 
 
 def _check(images, boxes, flips, size, mean, std, dtype) -> tuple[list[list[int]], list[bool]]:

@@ -43,9 +43,9 @@ Captured launches, from a function run in a subprocess without ``TRITON_INTERPRE
 KernelSpecs in a kernel's test file, one line per kernel and config::
 
     SPECS = [
-        KernelSpec("fastmae.kernels.attention", "_attn_fwd", {"Q": "*fp16", "N": "i32", "BLOCK": "constexpr"},
+        KernelSpec("fastmae.kernels.attention", "_fwd_kernel", {"Q": "*fp16", "N": "i32", "BLOCK": "constexpr"},
                    {"BLOCK": 64}, num_warps=4),
-        *autotune_specs("fastmae.kernels.attention", "_attn_bwd", signature, constexprs),
+        *autotune_specs("fastmae.kernels.attention", "_BWD_DQ", signature, constexprs),
     ]
 
     def test_compiles():

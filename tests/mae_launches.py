@@ -9,19 +9,24 @@ argument values is restated here. What this module states is how MAE calls the o
   (``ids_keep`` is a strided view of the shuffle), ``pred`` of the loss as ``decoder_pred(x)[:, 1:]`` (a view) or,
   with ``pred_masked_only`` (the training script's default), the masked rows only; gradients contiguous;
 * two precision modes: ``amp``, MAE's recipe (fp32 parameters and images under bf16 autocast: the Linear outputs
-  ``qkv``, ``decoder_embed(x)`` and ``decoder_pred(x)`` are bf16, the patch-embedding and decoder-input outputs fp32
-  because the positional tables are fp32, so are their gradients); ``bf16``, a bf16 model without autocast
-  (everything bf16). Attention sees bf16 ``qkv`` in both, so it is captured once per model.
+  ``qkv``, fc1's, fc2's, ``proj``'s, ``decoder_embed(x)`` and ``decoder_pred(x)`` are bf16, the patch-embedding and
+  decoder-input outputs fp32 because the positional tables are fp32, and so is the residual stream the LayerNorms
+  add to, so are their gradients); ``bf16``, a bf16 model without autocast (everything bf16). Attention sees bf16
+  ``qkv`` in both, so it is captured once per model.
+* each LayerNorm as the blocks call it (:func:`fastmae.layers.add_norm`): ``plain`` (no residual add: a stack's
+  first norm), ``residual`` (x + branch, x_new's own gradient coming back from the next add) and ``final`` (the
+  encoder's last add and norm, output in the residual stream's dtype; the decoder's final norm, without an add, on
+  the masked rows only as with ``pred_masked_only``); each GELU with fc1's bias (``bias``, the default) and without
+  (``plain``).
 * ``norm_pix_loss=True`` (the paper's recipe) for the loss, on both its full-prediction and masked-rows paths;
 * the input views of the GPU data path (``--decode gpu``): 256 views at the model's size, written in the model's
   input dtype (fp32 under autocast, bf16 for a bf16 model), of ImageNet-sized and of 12-megapixel photos.
 
-Ops whose public function refuses CPU tensors are called through their autograd Function (patch embedding, with
-the compute dtype the public function derives from autocast; attention, whose public wrapper only validates and
-makes ``qkv`` contiguous) or their launcher (the views); the loss runs inside ``poison_outputs`` because its
-forward reads the (never computed) weight sum back on the CPU. Launches that MAE never makes but that the ops make
-for other callers (``imgs`` requiring grad: the patch embedding's image gradient; a learned decoder ``pos_embed``)
-are captured too, tagged ``unused="unused in MAE"``.
+The public ops are called, inside :func:`fastmae.kernels._common.recording_launches` (which lets them take CPU
+tensors without the interpreter and read no values back); autocast is the tensors' device's. The views are made
+by their launcher, which takes the decoded images as they come from the decoder. Launches that MAE
+never makes but that the ops make for other callers (``imgs`` requiring grad: the patch embedding's image
+gradient; a learned decoder ``pos_embed``) are captured too, tagged ``unused="unused in MAE"``.
 """
 
 from __future__ import annotations
@@ -40,19 +45,29 @@ def _empty(*shape, dtype, device, grad=False):
     return torch.empty(*shape, dtype=dtype, device=device).requires_grad_(grad)
 
 
-def _backward(out, *inputs) -> None:
-    """Run out's backward for ``inputs`` (the gradients are returned, not accumulated: no copy of them is made)."""
+def _backward(outs, *inputs) -> None:
+    """Run the backward of ``outs`` (a tensor or a tuple) for ``inputs`` (the gradients are returned, not
+    accumulated: no copy of them is made)."""
     import torch
 
-    grad = torch.empty(out.shape, dtype=out.dtype, device=out.device) if out.dim() else None
-    torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.empty(o.shape, dtype=o.dtype, device=o.device) if o.dim() else None for o in outs]
+    torch.autograd.grad(outs, [t for t in inputs if t is not None and t.requires_grad], grads)
+
+
+def _dtypes(mode: str):
+    """(the residual stream's and the parameters' dtype, the Linear outputs' dtype) in ``mode``."""
+    import torch
+
+    return (torch.bfloat16 if mode == "bf16" else torch.float32), torch.bfloat16
 
 
 def _patch_embed(cfg, masking, mode: str, img_grad: bool = False) -> None:
     import torch
-    from fastmae.kernels import patch_embed as pe
 
-    dt = torch.bfloat16 if mode == "bf16" else torch.float32
+    from fastmae.kernels.patch_embed import patch_embed
+
+    dt, _ = _dtypes(mode)
     n, c, img, p, d = BATCH, cfg.in_chans, cfg.img_size, cfg.patch_size, cfg.embed_dim
     num_patches = (img // p) ** 2
     dev = masking.mask.device
@@ -60,55 +75,89 @@ def _patch_embed(cfg, masking, mode: str, img_grad: bool = False) -> None:
     weight, bias = _empty(d, c, p, p, dtype=dt, device=dev, grad=True), _empty(d, dtype=dt, device=dev, grad=True)
     pos = _empty(1, 1 + num_patches, d, dtype=dt, device=dev)
     cls = _empty(1, 1, d, dtype=dt, device=dev, grad=True)
-    # ct: the GEMM's compute dtype, the autocast dtype under amp (what patch_embed_visible derives)
-    out = pe._PatchEmbedVisible.apply(imgs, masking.ids_keep, weight, bias, pos, cls, torch.bfloat16)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mode == "amp"):  # the GEMM's compute dtype
+        out = patch_embed(imgs, masking.ids_keep, weight, bias, pos, cls)
     _backward(out, imgs, weight, bias, cls)
 
 
 def _attention(tokens: int, dim: int, heads: int, device) -> None:
     import torch
-    from fastmae.kernels import attention as attn
 
-    qkv = _empty(
-        BATCH, tokens, 3 * dim, dtype=torch.bfloat16, device=device, grad=True
-    )  # [B, N, 3·D], the qkv Linear's output
-    out = attn._Attention.apply(qkv, heads, (dim // heads) ** -0.5)
-    _backward(out, qkv)
+    from fastmae.kernels.attention import attention
+
+    qkv = _empty(BATCH, tokens, 3 * dim, dtype=torch.bfloat16, device=device, grad=True)  # [B, N, 3·D], qkv Linear's
+    _backward(attention(qkv, heads), qkv)
 
 
 def _loss(cfg, masking, mode: str, rows: bool) -> None:
     import torch
-    from fastmae.kernels import masked_mse as mm
-    from fastmae.kernels._common import poison_outputs
 
-    dt = torch.bfloat16 if mode == "bf16" else torch.float32
+    from fastmae.kernels.masked_mse import masked_mse
+
+    dt, lt = _dtypes(mode)
     n, c, img, p = BATCH, cfg.in_chans, cfg.img_size, cfg.patch_size
     num_patches = (img // p) ** 2
     dev = masking.mask.device
     imgs = _empty(n, c, img, img, dtype=dt, device=dev)
-    with poison_outputs():
-        if rows:
-            masked = num_patches - masking.ids_keep.shape[1]
-            ids = torch.argsort(masking.mask, dim=1, descending=True, stable=True)[:, :masked]  # [N, M]
-            pred = _empty(n, masked, p * p * c, dtype=torch.bfloat16, device=dev, grad=True)  # [N, M, p²C]
-            loss = mm.masked_mse_loss_rows(pred, imgs, ids, p, NORM_PIX_LOSS)
-        else:
-            full = _empty(n, 1 + num_patches, p * p * c, dtype=torch.bfloat16, device=dev, grad=True)  # [N, 1+L, p²C]
-            loss = mm.masked_mse_loss(full[:, 1:, :], imgs, masking.mask, p, NORM_PIX_LOSS)
-        _backward(loss, pred if rows else full)
+    if rows:
+        masked = num_patches - masking.ids_keep.shape[1]
+        ids = torch.argsort(masking.mask, dim=1, descending=True, stable=True)[:, :masked]  # [N, M]
+        pred = _empty(n, masked, p * p * c, dtype=lt, device=dev, grad=True)  # [N, M, p²C]
+        _backward(masked_mse(pred, imgs, None, p, NORM_PIX_LOSS, ids=ids), pred)
+    else:
+        full = _empty(n, 1 + num_patches, p * p * c, dtype=lt, device=dev, grad=True)  # [N, 1+L, p²C]
+        _backward(masked_mse(full[:, 1:, :], imgs, masking.mask, p, NORM_PIX_LOSS), full)
 
 
 def _decoder_input(cfg, masking, mode: str, pos_grad: bool = False) -> None:
-    import torch
-    from fastmae.kernels.decoder_assembly import decoder_assemble
+    from fastmae.kernels.decoder_assembly import decoder_assembly
 
-    pt = torch.bfloat16 if mode == "bf16" else torch.float32
+    pt, lt = _dtypes(mode)
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
     kept, dd, dev = masking.ids_keep.shape[1], cfg.decoder_embed_dim, masking.mask.device
-    x = _empty(BATCH, 1 + kept, dd, dtype=torch.bfloat16, device=dev, grad=True)  # [N, 1+K, Dd], decoder_embed's
+    x = _empty(BATCH, 1 + kept, dd, dtype=lt, device=dev, grad=True)  # [N, 1+K, Dd], decoder_embed's
     token = _empty(1, 1, dd, dtype=pt, device=dev, grad=True)
     pos = _empty(1, 1 + num_patches, dd, dtype=pt, device=dev, grad=pos_grad)
-    _backward(decoder_assemble(x, masking.ids_restore, token, pos), x, token, pos)
+    _backward(decoder_assembly(x, masking.ids_restore, token, pos), x, token, pos)
+
+
+def _layer_norm(dim: int, rows: int, mode: str, variant: str, device) -> None:
+    from fastmae.kernels.layer_norm import layer_norm
+
+    xt, lt = _dtypes(mode)
+    x = _empty(BATCH, rows, dim, dtype=xt, device=device, grad=True)  # [B, N, D], the residual stream
+    branch = None if variant == "plain" else _empty(BATCH, rows, dim, dtype=lt, device=device, grad=True)
+    weight, bias = (_empty(dim, dtype=xt, device=device, grad=True) for _ in range(2))
+    # y: what the next Linear takes (the autocast dtype, which the op picks itself under CUDA autocast), for the
+    # encoder's final norm the residual stream's dtype
+    out_dtype = xt if variant == "final" else lt
+    out = layer_norm(x, weight, bias, branch, 1e-6, out_dtype)
+    _backward(out[1] if variant == "final" else out, x, branch, weight, bias)
+
+
+def _gelu(hidden: int, rows: int, mode: str, variant: str, device) -> None:
+    from fastmae.kernels.gelu import gelu
+
+    pt, lt = _dtypes(mode)
+    x = _empty(BATCH, rows, hidden, dtype=lt, device=device, grad=True)  # [B, N, hidden], fc1's output
+    bias = _empty(hidden, dtype=pt, device=device, grad=True) if variant == "bias" else None  # fc1's bias
+    _backward(gelu(x, bias), x, bias)
+
+
+def _block_ops(cfg, kept: int, masked: int, mode: str, device, rec) -> None:
+    """The LayerNorms and GELUs of the encoder's and the decoder's blocks (and their final norms)."""
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
+    stacks = (("enc", cfg.embed_dim, 1 + kept), ("dec", cfg.decoder_embed_dim, 1 + num_patches))
+    for seq, dim, rows in stacks:
+        with rec.tagged(seq=seq):
+            for variant in ("plain", "residual", "final") if seq == "enc" else ("plain", "residual"):
+                with rec.tagged(op="layer_norm", variant=variant):
+                    _layer_norm(dim, rows, mode, variant, device)
+            for variant in ("bias", "plain"):
+                with rec.tagged(op="gelu", variant=variant):
+                    _gelu(int(dim * cfg.mlp_ratio), rows, mode, variant, device)
+    with rec.tagged(op="layer_norm", seq="dec", variant="final"):  # the final norm, of the masked rows only
+        _layer_norm(cfg.decoder_embed_dim, masked, mode, "plain", device)
 
 
 # The input views: a batch of ImageNet-sized photos (the usual pixel blocks) and one of 12-MP photos (shrunk more
@@ -118,9 +167,9 @@ VIEW_SOURCES = {"500x375": (375, 500), "4000x3000": (3000, 4000)}
 
 def _views(cfg, mode: str, source: str, device) -> None:
     import torch
-    from fastmae.kernels import resized_crop as rc
 
     from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
+    from fastmae.kernels import resized_crop as rc
 
     h, w = VIEW_SOURCES[source]
     image = torch.empty(3, h, w, dtype=torch.uint8, device=device)  # decoded [3, H, W], read by every view
@@ -132,49 +181,53 @@ def _views(cfg, mode: str, source: str, device) -> None:
 
 def run_mae(rec, models: list[str] | None = None, device: str = "cpu") -> None:
     """Make every launch of an MAE step for ``models`` (keys of MODELS) on ``device``, tagging them on ``rec`` (a
-    :class:`tests.compile_harness.LaunchRecorder`) with ``op``, ``model``, ``mode`` (and ``seq``, ``unused``).
-    Launches that MAE never makes are made last and dropped when they repeat one of its own (same code and grid)."""
+    :class:`tests.compile_harness.LaunchRecorder`) with ``op``, ``model``, ``mode`` (and ``seq``, ``variant``,
+    ``unused``). Launches that MAE never makes are made last and dropped when they repeat one of its own (same code
+    and grid)."""
     import torch
 
     from fastmae.configs import get_config
+    from fastmae.kernels._common import recording_launches
     from fastmae.masking import random_masking
 
     torch.manual_seed(0)
-    for model in models or list(MODELS):
-        cfg = get_config(MODELS[model])
-        num_patches = (cfg.img_size // cfg.patch_size) ** 2
-        masking = random_masking(BATCH, num_patches, MASK_RATIO, device)
-        kept = masking.ids_keep.shape[1]
-        first = len(rec.launches)
-        with rec.tagged(model=model):
-            for mode in MODES:
-                with rec.tagged(mode=mode):
-                    with rec.tagged(op="patch_embed"):
-                        _patch_embed(cfg, masking, mode)
-                    with rec.tagged(op="masked_mse"):
-                        _loss(cfg, masking, mode, rows=False)
-                    with rec.tagged(op="masked_mse_rows"):
-                        _loss(cfg, masking, mode, rows=True)
-                    with rec.tagged(op="decoder_assembly"):
-                        _decoder_input(cfg, masking, mode)
-                    for source in VIEW_SOURCES:
-                        with rec.tagged(op="resized_crop", seq=source):
-                            _views(cfg, mode, source, masking.mask.device)
-            with rec.tagged(mode="bf16/amp"):
-                with rec.tagged(op="attention", seq="enc"):
-                    _attention(1 + kept, cfg.embed_dim, cfg.num_heads, device)
-                with rec.tagged(op="attention", seq="dec"):
-                    _attention(1 + num_patches, cfg.decoder_embed_dim, cfg.decoder_num_heads, device)
-        used = {ln.key_grid() for ln in rec.launches[first:]}
-        extra_from = len(rec.launches)
-        with rec.tagged(model=model, unused="unused in MAE"):
-            for mode in MODES:
-                with rec.tagged(mode=mode):
-                    with rec.tagged(op="patch_embed"):
-                        _patch_embed(cfg, masking, mode, img_grad=True)
-                    with rec.tagged(op="decoder_assembly"):
-                        _decoder_input(cfg, masking, mode, pos_grad=True)
-        rec.drop(i for i in range(extra_from, len(rec.launches)) if rec.launches[i].key_grid() in used)
+    with recording_launches():
+        for model in models or list(MODELS):
+            cfg = get_config(MODELS[model])
+            num_patches = (cfg.img_size // cfg.patch_size) ** 2
+            masking = random_masking(BATCH, num_patches, MASK_RATIO, device)
+            kept = masking.ids_keep.shape[1]
+            first = len(rec.launches)
+            with rec.tagged(model=model):
+                for mode in MODES:
+                    with rec.tagged(mode=mode):
+                        with rec.tagged(op="patch_embed"):
+                            _patch_embed(cfg, masking, mode)
+                        _block_ops(cfg, kept, num_patches - kept, mode, device, rec)
+                        with rec.tagged(op="masked_mse", variant="full"):
+                            _loss(cfg, masking, mode, rows=False)
+                        with rec.tagged(op="masked_mse", variant="rows"):
+                            _loss(cfg, masking, mode, rows=True)
+                        with rec.tagged(op="decoder_assembly"):
+                            _decoder_input(cfg, masking, mode)
+                        for source in VIEW_SOURCES:
+                            with rec.tagged(op="resized_crop", seq=source):
+                                _views(cfg, mode, source, masking.mask.device)
+                with rec.tagged(mode="bf16/amp"):
+                    with rec.tagged(op="attention", seq="enc"):
+                        _attention(1 + kept, cfg.embed_dim, cfg.num_heads, device)
+                    with rec.tagged(op="attention", seq="dec"):
+                        _attention(1 + num_patches, cfg.decoder_embed_dim, cfg.decoder_num_heads, device)
+            used = {ln.key_grid() for ln in rec.launches[first:]}
+            extra_from = len(rec.launches)
+            with rec.tagged(model=model, unused="unused in MAE"):
+                for mode in MODES:
+                    with rec.tagged(mode=mode):
+                        with rec.tagged(op="patch_embed"):
+                            _patch_embed(cfg, masking, mode, img_grad=True)
+                        with rec.tagged(op="decoder_assembly"):
+                            _decoder_input(cfg, masking, mode, pos_grad=True)
+            rec.drop(i for i in range(extra_from, len(rec.launches)) if rec.launches[i].key_grid() in used)
 
 
 def capture_mae(models: list[str] | None = None, arch: int = 90) -> list:
@@ -209,11 +262,11 @@ def _join(values) -> str:
 
 
 def label(launches: list) -> str:
-    """A readable name for launches that share one compiled kernel: ``op.kernel[models,modes,seq,wXsY]``, from the
-    tags of those MAE makes itself (of all, marked ``unused in MAE``, when it makes none)."""
+    """A readable name for launches that share one compiled kernel: ``op.kernel[models,modes,seqs,variants,wXsY]``,
+    from the tags of those MAE makes itself (of all, marked ``unused in MAE``, when it makes none)."""
     used = [ln for ln in launches if not ln.tags.get("unused")] or launches
     first = used[0]
-    parts = [_join(ln.tags.get(k) for ln in used) for k in ("model", "mode", "seq")]
+    parts = [_join(ln.tags.get(k) for ln in used) for k in ("model", "mode", "seq", "variant")]
     parts.append(f"w{first.options['num_warps']}s{first.options['num_stages']}")
     if used is launches and first.tags.get("unused"):
         parts.append(first.tags["unused"])

@@ -15,10 +15,10 @@ import sys
 
 import pytest
 import torch
-from fastmae.kernels import attention as attn
-from fastmae.kernels._common import poison_outputs
 
 from fastmae import reference
+from fastmae.kernels import attention as attn
+from fastmae.kernels._common import poison_outputs
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error
 
@@ -300,7 +300,7 @@ def test_compiled_build_registers_triton_ops_with_their_kernels():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = str(sorted(fn.fn.__name__ for fn in attn.KERNELS.values()))
+    names = str(sorted(attn._tuner_for(name, False).fn.__name__ for name in attn.CONFIGS))
     assert proc.stdout.splitlines()[-2:] == [names, names]
 
 
@@ -380,8 +380,8 @@ _CONSTEXPRS = {"HEAD_DIM", "D_PAD", "PRECISION", "EXACT_P", "BLOCK", "TAIL"}
 
 
 def kernel_spec(name: str, cfg, dt: str, head_dim: int, tail: int) -> KernelSpec:
-    """The spec of kernel ``name`` (a key of ``attn.KERNELS``) in dtype ``dt`` with a ``tail``-long last tile."""
-    fn = attn.KERNELS[name]
+    """The spec of kernel ``name`` (a key of ``attn.CONFIGS``) in dtype ``dt`` with a ``tail``-long last tile."""
+    fn = attn._tuner_for(name, False).fn
     kinds = [(_PTRS, f"*{dt}"), (_F32_PTRS, "*fp32"), (_FLOATS, "fp32"), (_CONSTEXPRS, "constexpr")]
     sig = {a: next((t for names, t in kinds if a in names), "i32") for a in fn.arg_names}
     block = tail if name == "bwd_fused" else attn.BLOCK_32 if dt == "fp32" else attn.BLOCK_16

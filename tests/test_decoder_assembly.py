@@ -1,11 +1,13 @@
-"""The decoder-assembly kernel against fastmae.reference.decoder_assemble: output, dx, dmask_token, dpos."""
+"""The decoder-assembly kernel against fastmae.reference.decoder_assembly: output, dx, dmask_token, dpos."""
 
 import pytest
 import torch
-from fastmae.kernels._common import poison_outputs
-from fastmae.kernels.decoder_assembly import _tile, decoder_assemble
 
 from fastmae import reference
+from fastmae.kernels import check_errors
+from fastmae.kernels import decoder_assembly as da
+from fastmae.kernels._common import poison_outputs
+from fastmae.kernels.decoder_assembly import decoder_assembly, tiling
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error, atol_for
 
@@ -33,15 +35,15 @@ def grads_of(fn, x, ids, tok, pos, gout, dtype=None):
 
 def check(x, ids, tok, pos, name="", noncontig_grad=False):
     with poison_outputs():
-        probe = decoder_assemble(x, ids, tok, pos)
+        probe = decoder_assembly(x, ids, tok, pos)
     gout = torch.randn(probe.shape, device=x.device).to(probe.dtype)
     if noncontig_grad:
         gout = gout.transpose(1, 2).contiguous().transpose(1, 2)
         assert not gout.is_contiguous()
     with poison_outputs():
-        out, grads = grads_of(decoder_assemble, x, ids, tok, pos, gout)
-    hi, hi_grads = grads_of(reference.decoder_assemble, x, ids, tok, pos, gout.double(), torch.float64)
-    lo, lo_grads = grads_of(reference.decoder_assemble, x, ids, tok, pos, gout)
+        out, grads = grads_of(decoder_assembly, x, ids, tok, pos, gout)
+    hi, hi_grads = grads_of(reference.decoder_assembly, x, ids, tok, pos, gout.double(), torch.float64)
+    lo, lo_grads = grads_of(reference.decoder_assembly, x, ids, tok, pos, gout)
     assert out.dtype == lo.dtype, f"{name}: output dtype {out.dtype}, reference {lo.dtype}"
     assert_within_eager_error(out, hi, lo, x.dtype, f"{name} out", atol_for(out, hi))
     for gname, g, g_hi, g_lo, src in zip(("dx", "dmask_token", "dpos"), grads, hi_grads, lo_grads, (x, tok, pos)):
@@ -96,8 +98,8 @@ def test_deterministic():
     x, ids, tok, pos = make(4, 45, 11, 64, torch.float16, pos_grad=True)
     gout = torch.randn(4, 46, 64).half()
     with poison_outputs():
-        a = grads_of(decoder_assemble, x, ids, tok, pos, gout)
-        b = grads_of(decoder_assemble, x, ids, tok, pos, gout)
+        a = grads_of(decoder_assembly, x, ids, tok, pos, gout)
+        b = grads_of(decoder_assembly, x, ids, tok, pos, gout)
     assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
 
 
@@ -105,7 +107,7 @@ def test_only_mask_token_requires_grad():
     torch.manual_seed(5)
     x, ids, tok, pos = make(2, 9, 2, 16, torch.float32)
     tok.requires_grad_()
-    decoder_assemble(x, ids, tok, pos).sum().backward()
+    decoder_assembly(x, ids, tok, pos).sum().backward()
     expect = torch.full((1, 1, 16), float(2 * (9 - 2)))
     assert torch.equal(tok.grad, expect)
 
@@ -131,34 +133,74 @@ def bad_cases():
 @pytest.mark.parametrize("args,exc,match", bad_cases())
 def test_bad_inputs(args, exc, match):
     with pytest.raises(exc, match=match):
-        decoder_assemble(*args)
+        decoder_assembly(*args)
+
+
+def test_bad_ids_on_the_device_path_give_nan_rows_and_a_flag(monkeypatch):
+    """Without the host check (as on CUDA): entries outside [0, L) address nothing, their rows come out NaN, the
+    others exact, and the kernel's flag makes check_errors() raise once naming the op; FASTMAE_CHECK=1 raises at
+    the call."""
+    monkeypatch.setattr(da, "host_checks", lambda *tensors: False)
+    check_errors()
+    x, ids, tok, pos = make(2, 6, 2, 8, torch.float32)
+    good, ids_ok = reference.decoder_assembly(x, ids, tok, pos), ids.clone()
+    ids[0, 3], ids[1, 0] = 99, -1
+    with poison_outputs():
+        out = decoder_assembly(x, ids, tok, pos)
+    bad = torch.zeros(2, 7, dtype=torch.bool)
+    bad[0, 4] = bad[1, 1] = True
+    assert torch.isnan(out[bad]).all() and torch.equal(out[~bad], good[~bad])
+    with pytest.raises(ValueError, match=r"decoder_assembly on cpu: ids_restore holds an index outside \[0, L\)"):
+        check_errors()
+    check_errors()  # reported once
+    monkeypatch.setenv("FASTMAE_CHECK", "1")
+    with pytest.raises(ValueError, match="decoder_assembly on cpu"):
+        decoder_assembly(x, ids, tok, pos)
+    assert torch.equal(decoder_assembly(x, ids_ok, tok, pos), good)  # valid: no error
+
+
+def test_torch_compile_captures_one_graph():
+    """The registered ops (opaque custom ops under the interpreter): torch.compile(fullgraph=True) traces the op,
+    its checks and error flag included, in one graph; output and gradients equal the uncompiled op's."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    x, ids, tok, pos = make(2, 9, 3, 16, torch.float32, pos_grad=True)
+    gout = torch.randn(2, 10, 16)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    got = grads_of(torch.compile(decoder_assembly, backend=counter, fullgraph=True), x, ids, tok, pos, gout)
+    want = grads_of(decoder_assembly, x, ids, tok, pos, gout)
+    assert counter.frame_count == 1
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
 
 def compile_specs():
     """Every tile config for MAE's decoder widths (64 .. 512), in fp32/fp16/bf16 and autocast's mixed form."""
     fwd_ints = ["K", "L", "Dd", "s_xn", "s_xt", "s_xd", "s_rn", "s_rl", "s_kd", "s_pt", "s_pd"]
     bwd_ints = ["K", "L", "Dd", "s_gn", "s_gt", "s_gd", "s_rn", "s_rl"]
-    configs = sorted({_tile(dd) for dd in (64, 128, 256, 512)})
+    configs = sorted({tiling(dd) for dd in (64, 128, 256, 512)})
     specs = []
     for block_t, block_d, warps in configs:
         cx = {"BLOCK_T": block_t, "BLOCK_D": block_d}
         for x_t, p_t in [("*fp32", "*fp32"), ("*bf16", "*fp32"), ("*fp16", "*fp16"), ("*bf16", "*bf16")]:
             out_t = p_t
-            sig = {"X": x_t, "IDS": "*i64", "TOK": p_t, "POS": p_t, "OUT": out_t, **dict.fromkeys(fwd_ints, "i32")}
-            specs.append(KernelSpec(MOD, "_assemble_fwd", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, warps))
+            sig = {"X": x_t, "IDS": "*i64", "TOK": p_t, "POS": p_t, "OUT": out_t, "ERR": "*i32"}
+            sig.update(dict.fromkeys(fwd_ints, "i32"))
+            specs.append(KernelSpec(MOD, "_fwd_kernel", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, warps))
             sig = {"G": out_t, "IDS": "*i64", "DX": x_t, "PART": "*fp32", **dict.fromkeys(bwd_ints, "i32")}
-            specs.append(KernelSpec(MOD, "_assemble_bwd", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, warps))
+            specs.append(KernelSpec(MOD, "_bwd_kernel", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, warps))
     for out_t in ("*fp32", "*fp16", "*bf16"):
         sig = {"SRC": "*fp32", "OUT": out_t, "N": "i32", "M": "i32", "s_n": "i32"}
         cx = {"BLOCK_N": 8, "BLOCK_M": 256}
-        specs.append(KernelSpec(MOD, "_sum_batch", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, 4))
+        specs.append(KernelSpec(MOD, "_bwd_sum_kernel", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, 4))
     sig = {"SRC": "*bf16", "OUT": "*bf16", "N": "i32", "M": "i32", "s_n": "i32"}  # dpos of a bf16 pos_embed
-    specs.append(KernelSpec(MOD, "_sum_batch", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, 4))
+    specs.append(KernelSpec(MOD, "_bwd_sum_kernel", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, 4))
     return specs
 
 
 def test_tile_configs():
-    assert _tile(64) == (32, 64, 4) and _tile(512) == (32, 128, 4) and _tile(48) == (32, 64, 4)
+    assert tiling(64) == (32, 64, 4) and tiling(512) == (32, 128, 4) and tiling(48) == (32, 64, 4)
 
 
 def test_compiles_for_sm80_sm90():
@@ -182,8 +224,11 @@ def test_cuda_vit_shapes_bf16_twice(model, param_dtype):
 
 @pytest.mark.cuda
 def test_cuda_out_of_range_ids_give_nan_rows_not_faults():
+    check_errors()
     x, ids, tok, pos = make(2, 6, 2, 8, torch.float32, device="cuda")
     ids[0, 3] = 99
-    out = decoder_assemble(x, ids, tok, pos)
+    out = decoder_assembly(x, ids, tok, pos)
     torch.cuda.synchronize()
     assert torch.isnan(out[0, 4]).all() and torch.isfinite(out[0, :4]).all() and torch.isfinite(out[1]).all()
+    with pytest.raises(ValueError, match="decoder_assembly on cuda"):
+        check_errors()

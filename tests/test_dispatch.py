@@ -6,13 +6,18 @@ so the choice, the checks and the kernels run for real; the ``cuda`` tests take 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
-from fastmae import MAE, ops
+from fastmae import MAE, ops, reference
+from fastmae.kernels._common import interpreting
 from tests.tolerance import assert_within_eager_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +31,7 @@ def auto_on_kernels(monkeypatch):
     monkeypatch.delenv("FASTMAE_IMPL", raising=False)
     monkeypatch.setattr(ops, "_warned", set())
     if DEVICE == "cpu":
-        assert ops.interpreter_on()
+        assert interpreting()
         monkeypatch.setattr(ops, "auto_device", lambda x: True)
 
 
@@ -49,7 +54,7 @@ def test_attention_head_dim_8_falls_back_once(auto_on_kernels):
         assert ops.use_triton("auto", "attention", qkv_heads(128), 8, None)  # d = 16
     (message,) = fallbacks(record)
     assert "attention" in message and re.search(HEAD_DIM_8, message), message
-    eager = ops.sdpa_attention(qkv, 16)
+    eager = reference.sdpa_attention(qkv, 16)
     assert all(torch.equal(out, eager) for out in outs)
     outs[0].sum().backward()
     assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
@@ -57,8 +62,9 @@ def test_attention_head_dim_8_falls_back_once(auto_on_kernels):
         ops.attention("triton", qkv, 16)
 
 
-def _args(op: str, dtype: torch.dtype) -> tuple:
-    """Valid arguments of the ops-level function (after ``impl``) of ``op``: 16×16 images of 8×8 patches, 2 kept."""
+def _args(case: str, dtype: torch.dtype) -> tuple:
+    """Valid arguments of the ops-level function (after ``impl``) of ``case`` (an op; ``masked_mse_rows``: the loss
+    of predictions for the patches ``ids`` names): 16×16 images of 8×8 patches, 2 kept."""
     gen = torch.Generator().manual_seed(1)
 
     def rand(*shape):
@@ -66,48 +72,43 @@ def _args(op: str, dtype: torch.dtype) -> tuple:
 
     imgs = rand(2, 3, 16, 16)
     ids = torch.tensor([[2, 0], [1, 3]], device=DEVICE)  # [N, K] kept (or masked) patch ids
-    if op == "patch_embed":
+    if case == "patch_embed":
         return imgs, ids, rand(8, 3, 8, 8), rand(8), rand(1, 5, 8), rand(1, 1, 8)
-    if op == "attention":
+    if case == "attention":
         return rand(2, 5, 96), 2, None
-    if op == "layer_norm":
+    if case == "layer_norm":
         return rand(2, 3, 8), rand(8), rand(8)
-    if op == "gelu":
+    if case == "gelu":
         return rand(2, 3, 8), rand(8)
+    if case == "resized_crop":  # two decoded uint8 images, views of 4×4 written in ``dtype``
+        images = [torch.randint(0, 256, (3, 9, 11), generator=gen, dtype=torch.uint8).to(DEVICE) for _ in range(2)]
+        boxes, flips = torch.tensor([[0, 0, 9, 11], [1, 2, 5, 6]]), torch.tensor([False, True])
+        return images, boxes, flips, 4, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), dtype
     mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]], device=DEVICE, dtype=dtype)
-    if op == "masked_mse":
+    if case == "masked_mse":
         return rand(2, 4, 192), imgs, mask, 8, True
-    if op == "masked_mse_rows":
-        return rand(2, 2, 192), imgs, mask, ids, 8, True
+    if case == "masked_mse_rows":
+        return rand(2, 2, 192), imgs, None, 8, True, ids
     restore = torch.tensor([[3, 0, 2, 1], [1, 2, 0, 3]], device=DEVICE)  # [N, L]
     return rand(2, 3, 8), restore, rand(1, 1, 8), rand(1, 5, 8)
 
 
-FUNCS = {
-    "patch_embed": ops.patch_embed_visible,
-    "attention": ops.attention,
-    "masked_mse": ops.masked_mse_loss,
-    "masked_mse_rows": ops.masked_mse_loss_rows,
-    "decoder_assembly": ops.decoder_assemble,
-    "layer_norm": ops.layer_norm,
-    "gelu": ops.gelu,
-}
+FUNCS = {op: getattr(ops, op) for op in ops.KERNELS}
+CASES = {**{op: op for op in ops.KERNELS}, "masked_mse_rows": "masked_mse"}  # case -> op
 
 
-def _kernel_args(op: str, args: tuple) -> tuple:
-    """The kernel's arguments from the ops-level ones (the rows loss takes no mask)."""
-    return args[:2] + args[3:] if op == "masked_mse_rows" else args
-
-
-@pytest.mark.parametrize("op", list(FUNCS))
-def test_float64_falls_back_for_every_op(auto_on_kernels, op):
+@pytest.mark.parametrize("case", list(CASES))
+def test_float64_falls_back_for_every_op(auto_on_kernels, case):
     """float64 arguments (eager takes them, no kernel does): the eager result, one warning naming the dtype; in
     float32 the same call is the kernel's."""
-    args = _args(op, torch.float64)
+    op = CASES[case]
+    args = _args(case, torch.float64)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         got = [FUNCS[op]("auto", *args) for _ in range(2)]
-        assert ops.use_triton("auto", op, *_kernel_args(op, _args(op, torch.float32)))
+        kernel_args = _args(case, torch.float32)
+        probe = kernel_args[0][0] if op == "resized_crop" else None  # the views' first argument is a list
+        assert ops.use_triton("auto", op, *kernel_args, device_of=probe)
     (message,) = fallbacks(record)
     assert op in message and "torch.float64; the kernel takes float32, float16 or bfloat16" in message
     eager = FUNCS[op]("eager", *args)
@@ -254,3 +255,28 @@ def test_torch_compile_traces_the_choice(auto_on_kernels, heads):
 def test_torch_compile_inductor_traces_the_choice_cuda(auto_on_kernels, heads):
     messages = check_compiled("inductor", heads)
     assert len(messages) == (1 if heads == 16 else 0)
+
+
+REGISTERED = {
+    "fastmae::patch_embed_fwd": ["_fwd_kernel"],
+    "fastmae::patch_embed_bwd": ["_bwd_dimg_kernel", "_bwd_dw_kernel", "_bwd_reduce_kernel"],
+    "fastmae::masked_mse_fwd": ["_fwd_kernel", "_fwd_reduce_kernel"],
+    "fastmae::masked_mse_bwd": ["_bwd_kernel"],
+    "fastmae::decoder_assembly_fwd": ["_fwd_kernel"],
+    "fastmae::decoder_assembly_bwd": ["_bwd_kernel", "_bwd_sum_kernel"],
+}
+
+
+def test_compiled_build_registers_triton_ops_with_their_kernels():
+    """Without the interpreter (as on a GPU) the forward and backward of the patch embedding, the loss and the
+    decoder assembly are triton_ops, and torch.library finds every kernel they launch (torch.compile's cache keys
+    hash their sources). Imported in a subprocess: this one is interpreted."""
+    code = "import json, torch._library.triton as t\n"
+    code += "import fastmae.kernels.patch_embed, fastmae.kernels.masked_mse, fastmae.kernels.decoder_assembly\n"
+    code += f"for op in {list(REGISTERED)!r}:\n"
+    code += "    print(json.dumps(sorted(k.fn.__name__ for k in t.get_triton_kernels_for_op(op))))\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = [json.loads(line) for line in proc.stdout.splitlines()[-len(REGISTERED) :]]
+    assert dict(zip(REGISTERED, found)) == REGISTERED

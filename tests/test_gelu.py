@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastmae.kernels import gelu as gl
-from fastmae.kernels._common import poison_outputs
 
 from fastmae import reference
+from fastmae.kernels import gelu as gl
+from fastmae.kernels._common import poison_outputs
 from tests.compile_harness import ARCHS, SHARED_LIMIT, KernelSpec, compile_specs
 from tests.test_layer_norm import registered_kernels
 from tests.tolerance import assert_within_eager_error, atol_for

@@ -16,10 +16,10 @@ import sys
 
 import pytest
 import torch
-from fastmae.kernels import layer_norm as ln
-from fastmae.kernels._common import poison_outputs
 
 from fastmae import reference
+from fastmae.kernels import layer_norm as ln
+from fastmae.kernels._common import poison_outputs
 from tests.compile_harness import ARCHS, SHARED_LIMIT, KernelSpec, compile_specs
 from tests.tolerance import assert_within_eager_error, atol_for
 

@@ -1,11 +1,13 @@
-"""The masked-only MSE kernel against fastmae.reference.masked_mse_loss: loss, dpred, edge cases, compilation."""
+"""The masked-only MSE kernel against fastmae.reference.masked_mse: loss, dpred, edge cases, compilation."""
 
 import pytest
 import torch
-from fastmae.kernels._common import poison_outputs
-from fastmae.kernels.masked_mse import _tile, check_mask_errors, masked_mse_loss, masked_mse_loss_rows
 
 from fastmae import reference
+from fastmae.kernels import check_errors
+from fastmae.kernels import masked_mse as mm
+from fastmae.kernels._common import poison_outputs
+from fastmae.kernels.masked_mse import masked_mse, tiling
 from fastmae.masking import random_masking
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error, atol_for
@@ -34,12 +36,12 @@ def eager_run(pred, imgs, mask, p, norm, gscale, dtype):
     """The reference's loss and dpred, on pred/imgs cast to ``dtype`` (float64 for the precise oracle)."""
     pred = pred.detach().to(dtype).requires_grad_()
     imgs = imgs.to(torch.float64 if dtype == torch.float64 else imgs.dtype)
-    loss = reference.masked_mse_loss(pred, imgs, mask, p, norm)
+    loss = reference.masked_mse(pred, imgs, mask, p, norm)
     loss.backward(torch.tensor(gscale, dtype=loss.dtype, device=pred.device))
     return loss.detach(), pred.grad
 
 
-def check_against_eager(pred, imgs, mask, p, norm, fn=masked_mse_loss, name=""):
+def check_against_eager(pred, imgs, mask, p, norm, fn=masked_mse, name=""):
     """Kernel vs eager-in-pred's-dtype vs eager-in-fp64: the tolerance rule on loss and dpred."""
     d = pred.shape[-1]
     wsum = float(mask.sum()) if mask is not None else pred.shape[0] * pred.shape[1]
@@ -127,10 +129,10 @@ def test_unscored_rows_are_never_read():
     torch.manual_seed(6)
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
     mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0]])
-    clean = masked_mse_loss(pred, imgs, mask, 8, True)
+    clean = masked_mse(pred, imgs, mask, 8, True)
     pred[mask == 0] = float("nan")
     imgs[0, :, :8, 8:] = float("nan")  # patch 1 of sample 0, unscored
-    assert torch.equal(masked_mse_loss(pred, imgs, mask, 8, True), clean)
+    assert torch.equal(masked_mse(pred, imgs, mask, 8, True), clean)
 
 
 def test_loss_can_be_scaled_in_place_like_the_original_training_loop():
@@ -138,8 +140,8 @@ def test_loss_can_be_scaled_in_place_like_the_original_training_loop():
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
     mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]])
     pred_k, pred_r = pred.clone().requires_grad_(), pred.clone().requires_grad_()
-    loss = masked_mse_loss(pred_k, imgs, mask, 8, True)
-    ref = reference.masked_mse_loss(pred_r, imgs, mask, 8, True)
+    loss = masked_mse(pred_k, imgs, mask, 8, True)
+    ref = reference.masked_mse(pred_r, imgs, mask, 8, True)
     loss /= 4  # the original divides by accum_iter in place
     ref /= 4
     loss.backward()
@@ -152,9 +154,57 @@ def test_loss_can_be_scaled_in_place_like_the_original_training_loop():
 def test_all_zero_mask_raises():
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
     with pytest.raises(ValueError, match="mask sums to zero"):
-        masked_mse_loss(pred, imgs, torch.zeros(2, 4), 8, False)
+        masked_mse(pred, imgs, torch.zeros(2, 4), 8, False)
     with pytest.raises(ValueError, match="mask sums to zero"):
-        masked_mse_loss(pred, imgs, torch.tensor([[1.0, -1, 0, 0], [0, 0, 0, 0]]), 8, False)
+        masked_mse(pred, imgs, torch.tensor([[1.0, -1, 0, 0], [0, 0, 0, 0]]), 8, False)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the 0/0 it computes
+def test_bad_ids_and_zero_mask_on_the_device_path_are_flagged(monkeypatch):
+    """Without the host checks (as on CUDA): an all-zero mask gives a NaN loss, an id outside [0, L) a NaN loss and
+    NaN gradient row and no read out of bounds; each sets its flag, which check_errors() reports once, naming the op
+    and the error. FASTMAE_CHECK=1 raises at the call."""
+    monkeypatch.setattr(mm, "host_checks", lambda *tensors: False)
+    check_errors()
+    pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
+    assert torch.isnan(masked_mse(pred, imgs, torch.zeros(2, 4), 8, True))
+    with pytest.raises(ValueError, match=r"masked_mse on cpu: the mask sums to zero \(no patch is scored\)$"):
+        check_errors()
+    rows = pred[:, :3].clone().requires_grad_()
+    ids = torch.tensor([[0, 1, 4], [0, -7, 2]])
+    with poison_outputs():
+        loss = masked_mse(rows, imgs, None, 8, True, ids=ids)
+        loss.backward()
+    assert torch.isnan(loss) and torch.isnan(rows.grad[0, 2]).all() and torch.isnan(rows.grad[1, 1]).all()
+    with pytest.raises(ValueError, match=r"masked_mse on cpu: ids holds a patch index outside \[0, L\)$"):
+        check_errors()
+    check_errors()  # reported once
+    monkeypatch.setenv("FASTMAE_CHECK", "1")
+    with pytest.raises(ValueError, match="masked_mse on cpu: the mask sums to zero"):
+        masked_mse(pred, imgs, torch.zeros(2, 4), 8, False)
+    masked_mse(pred, imgs, torch.ones(2, 4), 8, False)  # valid: no error
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the 0/0 it computes
+def test_torch_compile_captures_one_graph():
+    """The registered ops (opaque custom ops under the interpreter): torch.compile(fullgraph=True) traces the loss in
+    one graph, equal to the uncompiled loss; while compiling nothing is checked on the host, so an all-zero mask is
+    flagged on the device like on CUDA."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    check_errors()
+    pred, imgs = make(2, 3, 2, 3, 8, torch.float32)
+    mask = random_mask(2, 6)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(masked_mse, backend=counter, fullgraph=True)
+    got = kernel_run(compiled, pred, imgs, mask, 8, True, 3.0)
+    want = kernel_run(masked_mse, pred, imgs, mask, 8, True, 3.0)
+    assert counter.frame_count == 1
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.isnan(compiled(pred, imgs, torch.zeros(2, 6), 8, True))
+    with pytest.raises(ValueError, match="masked_mse on cpu: the mask sums to zero"):
+        check_errors()
 
 
 @pytest.mark.parametrize("norm", [False, True])
@@ -162,8 +212,8 @@ def test_deterministic(norm):
     torch.manual_seed(7)
     pred, imgs = make(3, 3, 3, 3, 16, torch.float16)
     mask = random_mask(3, 9)
-    a = kernel_run(masked_mse_loss, pred, imgs, mask, 16, norm, 5.0)
-    b = kernel_run(masked_mse_loss, pred, imgs, mask, 16, norm, 5.0)
+    a = kernel_run(masked_mse, pred, imgs, mask, 16, norm, 5.0)
+    b = kernel_run(masked_mse, pred, imgs, mask, 16, norm, 5.0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -179,7 +229,7 @@ def test_rows_entry_point_equals_full_loss(p, c, norm):
     rows = torch.gather(full, 1, ids.unsqueeze(-1).expand(-1, -1, full.shape[-1]))  # [N, M, D]
     gscale = full.shape[-1] * float(mask.sum()) / 2
     loss, grad = kernel_run(
-        lambda pr, im, i, pp, nn: masked_mse_loss_rows(pr, im, i, pp, nn), rows, imgs, ids, p, norm, gscale
+        lambda pr, im, i, pp, nn: masked_mse(pr, im, None, pp, nn, ids=i), rows, imgs, ids, p, norm, gscale
     )
     ref_hi = eager_run(full, imgs, mask.double(), p, norm, gscale, torch.float64)
     ref_lo = eager_run(full, imgs, mask, p, norm, gscale, torch.float32)
@@ -192,11 +242,40 @@ def test_rows_entry_point_bad_ids():
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
     rows = pred[:, :3]
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 4\)"):
-        masked_mse_loss_rows(rows, imgs, torch.tensor([[0, 1, 4], [0, 1, 2]]), 8)
+        masked_mse(rows, imgs, None, 8, ids=torch.tensor([[0, 1, 4], [0, 1, 2]]))
     with pytest.raises(TypeError, match="ids must be an int64"):
-        masked_mse_loss_rows(rows, imgs, torch.zeros(2, 3, dtype=torch.int32), 8)
+        masked_mse(rows, imgs, None, 8, ids=torch.zeros(2, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="ids must have shape"):
-        masked_mse_loss_rows(rows, imgs, torch.zeros(2, 2, dtype=torch.int64), 8)
+        masked_mse(rows, imgs, None, 8, ids=torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"mask must have shape \[N, R\] = \[2, 3\]"):
+        masked_mse(rows, imgs, torch.ones(2, 4), 8, ids=torch.zeros(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_with_weights_matches_eager(dtype):
+    """ids with per-row weights (fractional, some zero; repeated patches): the reference's loss of the same rows."""
+    torch.manual_seed(10)
+    p, c, n = 8, 3, 2
+    full, imgs = make(n, c, 3, 4, p, dtype)
+    ids = torch.randint(0, 12, (n, 5))  # [N, R]
+    rows = full[:, :5]  # [N, R, D]
+    weights = torch.rand(n, 5) * (torch.rand(n, 5) > 0.3)
+    weights[0, 0] = 1.0
+    gscale = rows.shape[-1] * float(weights.sum()) / 2
+    pred = rows.detach().clone().requires_grad_()
+    with poison_outputs():
+        loss = masked_mse(pred, imgs, weights, p, True, ids=ids)
+        loss.backward(torch.tensor(gscale))
+    ref = []
+    for dt, w in ((dtype, weights), (torch.float64, weights.double())):
+        r = rows.detach().to(dt).requires_grad_()
+        out = reference.masked_mse(r, imgs.to(torch.float64) if dt == torch.float64 else imgs, w, p, True, ids=ids)
+        out.backward(torch.tensor(gscale, dtype=out.dtype))
+        ref.append((out.detach(), r.grad))
+    (lo, dlo), (hi, dhi) = ref
+    assert_within_eager_error(loss, hi, lo.float(), dtype, "rows loss")
+    assert_within_eager_error(pred.grad, dhi, dlo, dtype, "rows dpred", atol_for(pred.grad, dhi))
+    assert (pred.grad[weights == 0] == 0).all()
 
 
 def bad_cases():
@@ -214,7 +293,7 @@ def bad_cases():
         ((pred[:1], imgs, mask, 8), ValueError, "pred has batch 1, imgs has 2"),
         ((pred[..., :100], imgs, mask, 8), ValueError, r"pred's last dim must be patch_size²·C = 8²·3 = 192"),
         ((pred[:, :3], imgs, mask, 8), ValueError, "pred has 3 patches but imgs holds 2x2"),
-        ((pred, imgs, mask[:, :3], 8), ValueError, r"mask must have shape \[N, L\] = \[2, 4\]"),
+        ((pred, imgs, mask[:, :3], 8), ValueError, r"mask must have shape \[N, R\] = \[2, 4\]"),
         ((pred, imgs, mask.tolist(), 8), TypeError, "mask must be a torch.Tensor"),
         ((pred, imgs, mask.requires_grad_(), 8), ValueError, "mask requires grad"),
         ((pred, imgs.clone().requires_grad_(), torch.ones(2, 4), 8), ValueError, "imgs requires grad"),
@@ -225,14 +304,14 @@ def bad_cases():
 @pytest.mark.parametrize("args,exc,match", bad_cases())
 def test_bad_inputs(args, exc, match):
     with pytest.raises(exc, match=match):
-        masked_mse_loss(*args)
+        masked_mse(*args)
 
 
 def test_imgs_requiring_grad_is_fine_without_grad_mode():
     pred, imgs = make(1, 1, 1, 2, 8, torch.float32)
     with torch.no_grad():
-        out = masked_mse_loss(pred, imgs.requires_grad_(), None, 8)
-    torch.testing.assert_close(out, reference.masked_mse_loss(pred, imgs.detach(), None, 8))
+        out = masked_mse(pred, imgs.requires_grad_(), None, 8)
+    torch.testing.assert_close(out, reference.masked_mse(pred, imgs.detach(), None, 8))
 
 
 def compile_specs():
@@ -240,10 +319,10 @@ def compile_specs():
     ints = ["total_rows", "num_programs", "R", "L", "GW", "s_pn", "s_pr", "s_pd", "s_in", "s_ic", "s_ih", "s_iw"]
 
     def spec(kernel, pred_t, img_t, p, c, norm=True, has_mask=True, has_ids=False):
-        block_r, block_d, warps = _tile(p * p * c)
+        block_r, block_d, warps = tiling(p * p * c)
         sig = {"PRED": pred_t, "IMGS": img_t, "MASK": "*fp32", "IDS": "*i64"}
-        if kernel == "_mse_fwd":
-            sig.update({"PART": "*fp32", **{k: "i32" for k in ints}})
+        if kernel == "_fwd_kernel":
+            sig.update({"PART": "*fp32", "ERR": "*i32", **{k: "i32" for k in ints}})
         else:
             sig.update({"GRAD": "*fp32", "WSUM": "*fp32", "DPRED": pred_t})
             sig.update({k: "i32" for k in ints if k != "num_programs"})
@@ -252,19 +331,20 @@ def compile_specs():
         return KernelSpec(MOD, kernel, sig, cx, num_warps=warps)
 
     specs = []
-    for kernel in ("_mse_fwd", "_mse_bwd"):
+    for kernel in ("_fwd_kernel", "_bwd_kernel"):
         for p, c in PC:
             specs.append(spec(kernel, "*bf16", "*fp32", p, c))
         for p, c in [(8, 1), (8, 3), (16, 3)]:  # one per tile config
             specs.append(spec(kernel, "*fp16", "*fp16", p, c))
             specs.append(spec(kernel, "*fp32", "*fp32", p, c, norm=False, has_mask=False, has_ids=True))
-    reduce_sig = {"PART": "*fp32", "LOSS": "*fp32", "WSUM": "*fp32", "num_programs": "i32", "BLOCK": "constexpr"}
-    specs.append(KernelSpec(MOD, "_mse_reduce", reduce_sig, {"BLOCK": 1024}))
+    reduce_sig = {"PART": "*fp32", "LOSS": "*fp32", "WSUM": "*fp32", "ERR": "*i32", "num_programs": "i32"}
+    reduce_sig["BLOCK"] = "constexpr"
+    specs.append(KernelSpec(MOD, "_fwd_reduce_kernel", reduce_sig, {"BLOCK": 1024}))
     return specs
 
 
 def test_tile_configs_are_the_compiled_ones():
-    assert {_tile(p * p * c) for p, c in PC} == {(16, 64, 4), (16, 256, 8), (4, 1024, 8)}
+    assert {tiling(p * p * c) for p, c in PC} == {(16, 64, 4), (16, 256, 8), (4, 1024, 8)}
 
 
 def test_compiles_for_sm80_sm90():
@@ -297,9 +377,10 @@ def test_cuda_fp16_and_fp32_all_configs():
 
 @pytest.mark.cuda
 def test_cuda_all_zero_mask_raises_late():
+    check_errors()
     pred, imgs = make(2, 3, 2, 2, 8, torch.float32, "cuda")
-    loss = masked_mse_loss(pred, imgs, torch.zeros(2, 4, device="cuda"), 8, False)
+    loss = masked_mse(pred, imgs, torch.zeros(2, 4, device="cuda"), 8, False)
     assert torch.isnan(loss)
-    with pytest.raises(ValueError, match="mask sums to zero"):
-        check_mask_errors()
-    check_mask_errors()  # reported once
+    with pytest.raises(ValueError, match="masked_mse on cuda:0: the mask sums to zero"):
+        check_errors()
+    check_errors()  # reported once

@@ -5,11 +5,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from fastmae.kernels import patch_embed as pe
-from fastmae.kernels._common import poison_outputs
 
 import fastmae
 from fastmae import ops, reference
+from fastmae.kernels import check_errors
+from fastmae.kernels import patch_embed as pe
+from fastmae.kernels._common import poison_outputs
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error
 
@@ -52,9 +53,9 @@ def run(fn, inputs, dout, cast=None, grads=GRAD_NAMES):
 
 def check_against_eager(inputs, dout, dtype, grads=GRAD_NAMES):
     with poison_outputs():
-        out, got = run(pe.patch_embed_visible, inputs, dout, grads=grads)
-    ref_hi, want_hi = run(reference.patch_embed_visible, inputs, dout, cast=torch.float64, grads=grads)
-    ref_lo, want_lo = run(reference.patch_embed_visible, inputs, dout, grads=grads)
+        out, got = run(pe.patch_embed, inputs, dout, grads=grads)
+    ref_hi, want_hi = run(reference.patch_embed, inputs, dout, cast=torch.float64, grads=grads)
+    ref_lo, want_lo = run(reference.patch_embed, inputs, dout, grads=grads)
     assert out.dtype == ref_lo.dtype
     assert_within_eager_error(out, ref_hi, ref_lo, dtype, "out")
     for key in grads:
@@ -99,7 +100,7 @@ def test_many_tiles_and_splits_deterministic(tiny_tiles, monkeypatch, dtype):
     out, got = check_against_eager(inputs, dout, dtype)
     assert splits[0] == (3, 16), splits  # 48 kept rows in 3 splits of one 16-row tile each
     with poison_outputs():
-        out_b, got_b = run(pe.patch_embed_visible, inputs, dout)
+        out_b, got_b = run(pe.patch_embed, inputs, dout)
     assert torch.equal(out, out_b)
     for key in GRAD_NAMES:
         assert torch.equal(got[key], got_b[key]), key
@@ -133,7 +134,7 @@ def test_strided_and_channels_last_inputs():
     check_against_eager(inputs, torch.randn(1, 1, 24).expand_as(dout), torch.float32)  # stride-0 upstream grad
     inputs_cl = {**inputs, "imgs": variants["channels_last"]["imgs"]}
     with poison_outputs():
-        _, got = run(pe.patch_embed_visible, inputs_cl, dout)
+        _, got = run(pe.patch_embed, inputs_cl, dout)
     assert got["imgs"].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -149,12 +150,12 @@ def test_autocast_follows_the_eager_op():
     inputs, dout = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=6)
     with torch.autocast("cpu", dtype=torch.float16):
         with poison_outputs():
-            out, got = run(pe.patch_embed_visible, inputs, dout)
-        ref_lo, want_lo = run(reference.patch_embed_visible, inputs, dout)
-    ref_hi, want_hi = run(reference.patch_embed_visible, inputs, dout, cast=torch.float64)
+            out, got = run(pe.patch_embed, inputs, dout)
+        ref_lo, want_lo = run(reference.patch_embed, inputs, dout)
+    ref_hi, want_hi = run(reference.patch_embed, inputs, dout, cast=torch.float64)
     assert out.dtype == ref_lo.dtype == torch.float32
     assert_within_eager_error(out, ref_hi, ref_lo, torch.float16, "out")
-    plain = pe.patch_embed_visible(**inputs)
+    plain = pe.patch_embed(**inputs)
     assert (out - plain).abs().max() > 0, "the GEMM did not run in float16 under autocast"
     for key in GRAD_NAMES:
         assert got[key].dtype == torch.float32
@@ -165,10 +166,45 @@ def test_pos_embed_gradient_is_refused_but_no_grad_works():
     inputs, _ = make_inputs(1, 3, 16, 16, 8, 24, 2, torch.float32, seed=7)
     pos = inputs["pos_embed"].clone().requires_grad_(True)
     with pytest.raises(ValueError, match="pos_embed requires grad"):
-        pe.patch_embed_visible(**{**inputs, "pos_embed": pos})
+        pe.patch_embed(**{**inputs, "pos_embed": pos})
     with torch.no_grad():
-        out = pe.patch_embed_visible(**{**inputs, "pos_embed": pos})
-    torch.testing.assert_close(out, reference.patch_embed_visible(**inputs))
+        out = pe.patch_embed(**{**inputs, "pos_embed": pos})
+    torch.testing.assert_close(out, reference.patch_embed(**inputs))
+
+
+def test_bad_ids_on_the_device_path_give_nan_rows_and_a_flag(monkeypatch):
+    """Without the host check (as on CUDA): kept indices outside [0, L) read nothing out of bounds, their rows come
+    out NaN and the others exact, gradients stay finite (the bad rows add nothing to dW), and check_errors() raises
+    once naming the op."""
+    monkeypatch.setattr(pe, "host_checks", lambda *tensors: False)
+    check_errors()
+    inputs, dout = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=9)
+    good = pe.patch_embed(**inputs)
+    ids = inputs["ids_keep"].clone()
+    ids[0, 1], ids[1, 2] = 4, -1
+    with poison_outputs():
+        out, got = run(pe.patch_embed, {**inputs, "ids_keep": ids}, dout)
+    bad = torch.zeros(2, 4, dtype=torch.bool)
+    bad[0, 2] = bad[1, 3] = True
+    assert torch.isnan(out[bad]).all() and torch.equal(out[~bad], good[~bad])
+    assert all(torch.isfinite(g).all() for g in got.values())
+    with pytest.raises(ValueError, match=r"patch_embed on cpu: ids_keep holds a patch index outside \[0, L\)$"):
+        check_errors()
+    check_errors()  # reported once
+
+
+def test_torch_compile_captures_one_graph():
+    """The registered ops (opaque custom ops under the interpreter): torch.compile(fullgraph=True) traces the op,
+    its checks and error flag included, in one graph; output and gradients equal the uncompiled op's."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    inputs, dout = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=12)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    out, got = run(torch.compile(pe.patch_embed, backend=counter, fullgraph=True), inputs, dout)
+    ref, want = run(pe.patch_embed, inputs, dout)
+    assert counter.frame_count == 1
+    assert torch.equal(out, ref) and all(torch.equal(got[k], want[k]) for k in GRAD_NAMES)
 
 
 def _bad_inputs():
@@ -203,7 +239,7 @@ BAD_INPUTS, BAD_CASES = _bad_inputs()
 def test_bad_inputs_raise_clear_errors(case):
     change, exc, match = BAD_CASES[case]
     with pytest.raises(exc, match=match):
-        pe.patch_embed_visible(**{**BAD_INPUTS, **change})
+        pe.patch_embed(**{**BAD_INPUTS, **change})
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -213,7 +249,7 @@ def test_mae_triton_matches_eager(monkeypatch, device):
 
     def kernel(*args):
         calls.append(1)
-        return pe.patch_embed_visible(*args)
+        return pe.patch_embed(*args)
 
     monkeypatch.setattr(ops, "triton_kernel", lambda op: kernel if op == "patch_embed" else None)
     torch.manual_seed(0)
@@ -272,7 +308,7 @@ def _specs():
         b_rows, b_cols, b_red, warps, stages = pe.CONFIGS[cfg]
         t = "*" + ty
         common = dict(P=p, CT=ct, ALLOW_TF32=True)
-        fwd = {"IMG": t, "IDS": "*i64", "W": t, "B": t, "POS": t, "CLS": t, "OUT": t}
+        fwd = {"IMG": t, "IDS": "*i64", "W": t, "B": t, "POS": t, "CLS": t, "OUT": t, "ERR": "*i32"}
         dw = {"IMG": t, "IDS": "*i64", "G": t, "WS": "*fp32"}
         dimg = {"G": t, "W": t, "START": "*i64", "CNT": "*i64", "PERM": "*i64", "DIMG": t}
         tiles = [
@@ -344,7 +380,7 @@ def test_cuda_shapes_match_eager_and_repeat_bitwise(shape, dtype):
     assert (config == "small") == (shape in ODD_SHAPES), config
     out, got = check_against_eager(inputs, dout, dtype)
     with poison_outputs():
-        out_b, got_b = run(pe.patch_embed_visible, inputs, dout)
+        out_b, got_b = run(pe.patch_embed, inputs, dout)
     assert torch.equal(out, out_b)
     for key in GRAD_NAMES:
         assert torch.equal(got[key], got_b[key]), key
@@ -357,9 +393,9 @@ def test_cuda_autocast_dtype_and_values(amp_dtype):
     assert pe._config_name(1024, 24 * 49, inputs["imgs"], inputs["weight"]) == "large32"
     with torch.autocast("cuda", dtype=amp_dtype):
         with poison_outputs():
-            out, got = run(pe.patch_embed_visible, inputs, dout)
-        ref_lo, want_lo = run(reference.patch_embed_visible, inputs, dout)
-    ref_hi, want_hi = run(reference.patch_embed_visible, inputs, dout, cast=torch.float64)
+            out, got = run(pe.patch_embed, inputs, dout)
+        ref_lo, want_lo = run(reference.patch_embed, inputs, dout)
+    ref_hi, want_hi = run(reference.patch_embed, inputs, dout, cast=torch.float64)
     assert out.dtype == ref_lo.dtype
     assert_within_eager_error(out, ref_hi, ref_lo, amp_dtype, "out")
     for key in GRAD_NAMES:
@@ -372,7 +408,7 @@ def test_cuda_torch_compile_around_the_op():
     inputs, dout = make_inputs(8, 3, 224, 224, 16, 768, 49, torch.bfloat16, seed=12, device="cuda")
 
     def f(**kw):
-        return pe.patch_embed_visible(**kw) * 2
+        return pe.patch_embed(**kw) * 2
 
     out, got = run(torch.compile(f), inputs, dout)
     ref, want = run(f, inputs, dout)

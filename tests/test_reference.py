@@ -55,7 +55,7 @@ def test_masking_keeps_smallest_noise():
         assert torch.equal(torch.argsort(ids_restore[n]), torch.argsort(noise[n]))
 
 
-def test_patch_embed_visible_matches_per_patch_loop():
+def test_patch_embed_matches_per_patch_loop():
     torch.manual_seed(0)
     n, c, p, d, g = 2, 3, 4, 5, 3
     imgs = torch.randn(n, c, g * p, g * p, dtype=torch.float64)
@@ -63,7 +63,7 @@ def test_patch_embed_visible_matches_per_patch_loop():
     bias, cls = torch.randn(d, dtype=torch.float64), torch.randn(1, 1, d, dtype=torch.float64)
     pos = torch.randn(1, 1 + g * g, d, dtype=torch.float64)
     ids_keep = torch.tensor([[4, 0, 8], [2, 7, 3]])
-    out = reference.patch_embed_visible(imgs, ids_keep, weight, bias, pos, cls)
+    out = reference.patch_embed(imgs, ids_keep, weight, bias, pos, cls)
     assert out.shape == (n, 4, d)
     for b in range(n):
         assert torch.allclose(out[b, 0], cls[0, 0] + pos[0, 0])
@@ -105,20 +105,34 @@ def test_masked_mse_matches_loop(norm_pix):
                 t = (t - t.mean()) / math.sqrt(t.var(unbiased=True).item() + 1e-6)
             total += mask[b, idx].item() * ((pred[b, idx] - t) ** 2).mean().item()
             count += mask[b, idx].item()
-    loss = reference.masked_mse_loss(pred, imgs, mask, p, norm_pix)
+    loss = reference.masked_mse(pred, imgs, mask, p, norm_pix)
     assert math.isclose(loss.item(), total / count, rel_tol=1e-12)
-    all_patches = reference.masked_mse_loss(pred, imgs, None, p, norm_pix)
-    assert torch.allclose(all_patches, reference.masked_mse_loss(pred, imgs, torch.ones_like(mask), p, norm_pix))
+    all_patches = reference.masked_mse(pred, imgs, None, p, norm_pix)
+    assert torch.allclose(all_patches, reference.masked_mse(pred, imgs, torch.ones_like(mask), p, norm_pix))
 
 
-def test_decoder_assemble_matches_loop():
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_masked_mse_of_the_masked_rows_equals_the_full_loss(norm_pix):
+    """pred for the masked patches only, with ids naming them: the loss of the full prediction with the 0/1 mask."""
+    torch.manual_seed(1)
+    n, c, p, g = 2, 3, 4, 3
+    imgs = torch.randn(n, c, g * p, g * p, dtype=torch.float64)
+    full = torch.randn(n, g * g, p * p * c, dtype=torch.float64)
+    mask = random_masking(n, g * g, 0.5).mask  # [N, L]
+    ids = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : int(mask[0].sum())]  # [N, M]
+    rows = torch.gather(full, 1, ids.unsqueeze(-1).expand(-1, -1, full.shape[-1]))  # [N, M, p²C]
+    want = reference.masked_mse(full, imgs, mask.double(), p, norm_pix)
+    torch.testing.assert_close(reference.masked_mse(rows, imgs, None, p, norm_pix, ids=ids), want, rtol=1e-12, atol=0)
+
+
+def test_decoder_assembly_matches_loop():
     torch.manual_seed(0)
     n, num, keep, d = 2, 6, 3, 3
     noise = torch.rand(n, num)
     ids_keep, mask, ids_restore = random_masking(n, num, 0.5, noise=noise)
     x = torch.randn(n, 1 + keep, d)
     token, pos = torch.randn(1, 1, d), torch.randn(1, 1 + num, d)
-    out = reference.decoder_assemble(x, ids_restore, token, pos)
+    out = reference.decoder_assembly(x, ids_restore, token, pos)
     for b in range(n):
         assert torch.allclose(out[b, 0], x[b, 0] + pos[0, 0])
         for idx in range(num):

@@ -15,13 +15,13 @@ Two comparisons, two tolerances:
 import numpy as np
 import pytest
 import torch
-from fastmae.kernels._common import poison_outputs
-from fastmae.kernels.resized_crop import resized_crop
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from fastmae import reference
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.kernels._common import poison_outputs
+from fastmae.kernels.resized_crop import resized_crop
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error, atol_for
 

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from fastmae.kernels._common import interpreting
 
 # The small absolute slack added to the bound, per dtype.
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def atol_for(result: torch.Tensor, ref: torch.Tensor) -> float | None:
     """The rule's atol, plus one bf16 ulp of max|ref| for bf16 results under the interpreter, whose fp32→bf16
     casts truncate (the GPU rounds to nearest even, and is held to the plain rule in the cuda tests)."""
-    if not (INTERPRETED and result.dtype == torch.bfloat16):
+    if not (interpreting() and result.dtype == torch.bfloat16):
         return None
     top = ref.abs().max().item()
     return ATOL[torch.bfloat16] + (2.0 ** (math.floor(math.log2(top)) - 7) if top > 0 else 0.0)
