@@ -106,6 +106,64 @@ def test_many_tiles_and_splits_deterministic(tiny_tiles, monkeypatch, dtype):
         assert torch.equal(got[key], got_b[key]), key
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_partials_share_dbias_and_dcls_across_r_tiles(tiny_tiles, monkeypatch, dtype):
+    """Splits of several row tiles and several r-tiles: each row tile's dbias and each cls row's dcls is summed by
+    one r-tile program (round robin) and the reduce kernel adds the partials; against eager, bitwise repeatable."""
+    monkeypatch.setattr(pe, "DW_TARGET_PROGRAMS", 2 * 3 * 4)  # 3 D tiles x 4 r-tiles (C=1, P=8): 2 splits
+    splits = []
+    real_split = pe._dw_split
+    monkeypatch.setattr(pe, "_dw_split", lambda *a: splits.append(real_split(*a)) or splits[-1])
+    inputs, dout = make_inputs(7, 1, 32, 40, 8, 40, 14, dtype, seed=13)
+    out, got = check_against_eager(inputs, dout, dtype)
+    assert splits[0] == (2, 64), splits  # 98 kept rows: 4 row tiles, then 3 (+ a partial one)
+    with poison_outputs():
+        _, again = run(pe.patch_embed, inputs, dout)
+    for key in GRAD_NAMES:
+        assert torch.equal(got[key], again[key]), key
+
+
+@pytest.mark.parametrize(
+    "p, c, dtype, ct, block, copy",
+    [
+        (16, 3, torch.float16, torch.float16, 64, False),  # already [D, R] in the compute dtype: the weight itself
+        (16, 3, torch.float32, torch.float16, 64, True),  # autocast: cast once
+        (14, 3, torch.float16, torch.float16, 64, True),  # R = 588 padded to 640
+        (14, 1, torch.float32, torch.float32, 32, True),  # R = 196 padded to 224
+    ],
+)
+def test_weight_matrix_is_the_weight_cast_and_padded(p, c, dtype, ct, block, copy):
+    weight = torch.randn(24, c, p, p).to(dtype)
+    for w in (weight, weight.contiguous(memory_format=torch.channels_last)):
+        with poison_outputs():
+            wm = pe._weight_matrix(w, ct, block)
+        r = c * p * p
+        want = torch.nn.functional.pad(weight.reshape(24, r).to(ct), (0, -r % block))  # [D, RP]
+        assert wm.dtype == ct and wm.is_contiguous() and torch.equal(wm, want)
+        copied = wm.data_ptr() != w.data_ptr()
+        assert copied == (copy or not w.is_contiguous())
+
+
+def test_offset_alignment_divides_every_patch_offset():
+    """The alignment the dW kernel asserts of the image offsets the forward stores (tl.multiple_of)."""
+    imgs = torch.empty(2, 3, 224, 224)
+    cases = {
+        "p16": (imgs, 16, 16),
+        "p14": (imgs, 14, 2),
+        "p14-channels_last": (imgs.contiguous(memory_format=torch.channels_last), 14, 2),
+        "p16-strided": (torch.empty(2, 5, 224, 448)[:, 1:4, :, ::2], 16, 16),
+        "p7": (torch.empty(2, 1, 21, 21), 7, 1),
+    }
+    for name, (x, p, want) in cases.items():
+        got = pe._offset_align(x, p)
+        assert got == want, name
+        s_n, _, s_h, s_w = x.stride()
+        for n in range(x.shape[0]):
+            for gy in range(x.shape[2] // p):
+                for gx in range(x.shape[3] // p):
+                    assert (n * s_n + gy * p * s_h + gx * p * s_w) % got == 0, name
+
+
 def test_gradients_only_for_what_requires_grad():
     inputs, dout = make_inputs(2, 3, 16, 16, 8, 24, 3, torch.float32, seed=2)
     check_against_eager(inputs, dout, torch.float32, grads=("weight",))
@@ -292,55 +350,67 @@ def _signature(kernel: str, pointers: dict) -> dict:
     return sig
 
 
+def _spec(kernel: str, pointers: dict, constexprs: dict, config: str | None, label: str) -> KernelSpec:
+    warps, stages = pe.CONFIGS[config][3:] if config else (4, 3)
+    return KernelSpec(
+        "fastmae.kernels.patch_embed",
+        kernel,
+        _signature(kernel, pointers),
+        constexprs,
+        num_warps=warps,
+        num_stages=stages,
+        label=f"{kernel}[{label}]",
+    )
+
+
 def _specs():
-    """Every GEMM kernel at every tile config in fp16 and bf16 ("large32", the fp32-storage config, as the autocast
-    form: fp32 tensors, bf16 GEMM; and as plain fp32 with TF32), and the reduction in fp16 and bf16."""
-    variants = [  # (config, storage dtype, compute dtype code, patch size)
-        ("small", "fp16", 1, 8),
-        ("small", "bf16", 2, 14),
-        ("large16", "fp16", 1, 16),
-        ("large16", "bf16", 2, 14),
-        ("large32", "fp32", 2, 16),
-        ("large32", "fp32", 0, 14),
-    ]
+    """Every kernel at every tile config it runs with: fp16 and bf16, the autocast forms (fp32 images and
+    gradients, bf16 GEMM, the weight matrix cast to bf16) and plain fp32 with TF32."""
     specs = []
-    for cfg, ty, ct, p in variants:
-        b_rows, b_cols, b_red, warps, stages = pe.CONFIGS[cfg]
+    fwd_variants = [  # (config, image dtype, compute dtype, compute dtype code, patch size)
+        ("small", "fp16", "fp16", 1, 8),
+        ("small", "bf16", "bf16", 2, 14),
+        ("large16", "fp16", "fp16", 1, 16),
+        ("large16", "bf16", "bf16", 2, 16),
+        ("large16_short", "bf16", "bf16", 2, 14),
+        ("large16", "fp32", "bf16", 2, 16),
+        ("large16_short", "fp32", "bf16", 2, 14),
+        ("large32", "fp32", "fp32", 0, 14),
+    ]
+    for cfg, img, ct_ty, ct, p in fwd_variants:
+        bm, bn, bk = pe.CONFIGS[cfg][:3]
+        t, w = "*" + img, "*" + ct_ty
+        ptrs = {"IMG": t, "IDS": "*i64", "W": w, "B": t, "POS": t, "CLS": t, "OUT": t, "ROWS": "*i64", "ERR": "*i32"}
+        consts = dict(P=p, GW=224 // p, ALIGN=2 if p == 14 else 16, CT=ct, ALLOW_TF32=True, WRITE_ROWS=True)
+        consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        specs.append(_spec("_fwd_kernel", ptrs, consts, cfg, f"{cfg},{img},CT={ct},P={p}"))
+    bwd_variants = [  # (config, storage dtype of images and gradients, compute dtype, its code, patch size)
+        ("small", "fp16", "fp16", 1, 8),
+        ("small", "bf16", "bf16", 2, 14),
+        ("large16", "fp16", "fp16", 1, 16),
+        ("large16", "bf16", "bf16", 2, 14),
+        ("large32", "fp32", "bf16", 2, 16),
+        ("large32", "fp32", "fp32", 0, 14),
+    ]
+    for cfg, ty, ct_ty, ct, p in bwd_variants:
+        b_rows, b_cols, b_red = pe.CONFIGS[cfg][:3]
         t = "*" + ty
-        common = dict(P=p, CT=ct, ALLOW_TF32=True)
-        fwd = {"IMG": t, "IDS": "*i64", "W": t, "B": t, "POS": t, "CLS": t, "OUT": t, "ERR": "*i32"}
-        dw = {"IMG": t, "IDS": "*i64", "G": t, "WS": "*fp32"}
-        dimg = {"G": t, "W": t, "START": "*i64", "CNT": "*i64", "PERM": "*i64", "DIMG": t}
-        tiles = [
-            ("_fwd_kernel", fwd, dict(BLOCK_M=b_rows, BLOCK_N=b_cols, BLOCK_K=b_red)),
-            ("_bwd_dw_kernel", dw, dict(BLOCK_D=b_rows, BLOCK_R=b_cols, BLOCK_M=b_red)),
-            ("_bwd_dimg_kernel", dimg, dict(BLOCK_M=b_rows, BLOCK_R=b_cols, BLOCK_D=b_red)),
-        ]
-        for kernel, ptrs, blocks in tiles:
-            specs.append(
-                KernelSpec(
-                    "fastmae.kernels.patch_embed",
-                    kernel,
-                    _signature(kernel, ptrs),
-                    {**common, **blocks},
-                    num_warps=warps,
-                    num_stages=stages,
-                    label=f"{kernel}[{cfg},{ty},CT={ct},P={p}]",
-                )
-            )
-    for ty in ("fp16", "bf16"):
+        dw = {"IMG": t, "ROWS": "*i64", "G": t, "WS": "*fp32"}
+        consts = dict(P=p, ALIGN=2 if p == 14 else 16, CT=ct, ALLOW_TF32=True)
+        consts.update(BLOCK_D=b_rows, BLOCK_R=b_cols, BLOCK_M=b_red)
+        specs.append(_spec("_bwd_dw_kernel", dw, consts, cfg, f"{cfg},{ty},CT={ct},P={p}"))
+        dimg = {"G": t, "W": "*" + ct_ty, "START": "*i64", "CNT": "*i64", "PERM": "*i64", "DIMG": t}
+        consts = dict(P=p, CT=ct, ALLOW_TF32=True, BLOCK_M=b_rows, BLOCK_R=b_cols, BLOCK_D=b_red)
+        specs.append(_spec("_bwd_dimg_kernel", dimg, consts, cfg, f"{cfg},{ty},CT={ct},P={p}"))
+    for ty in ("fp16", "bf16", "fp32"):
         t = "*" + ty
-        ptrs = {"WS": "*fp32", "G": t, "DW": t, "DB": t, "DCLS": t}
-        specs.append(
-            KernelSpec(
-                "fastmae.kernels.patch_embed",
-                "_bwd_reduce_kernel",
-                _signature("_bwd_reduce_kernel", ptrs),
-                {"BLOCK": pe.REDUCE_BLOCK},
-                num_warps=4,
-                label=f"_bwd_reduce_kernel[{ty}]",
-            )
-        )
+        ptrs = {"WS": "*fp32", "DW": t, "DB": t, "DCLS": t}
+        consts = {"BLOCK": pe.REDUCE_BLOCK, "NUM_R_P2": 8}
+        specs.append(_spec("_bwd_reduce_kernel", ptrs, consts, None, ty))
+    for src, dst, p in (("fp32", "bf16", 14), ("fp32", "fp16", 16), ("bf16", "bf16", 14)):
+        consts = dict(P=p, BLOCK_D=pe.WEIGHT_BLOCK, BLOCK_R=pe.WEIGHT_BLOCK)
+        ptrs = {"W": "*" + src, "WM": "*" + dst}
+        specs.append(_spec("_fwd_weight_kernel", ptrs, consts, None, f"{src}->{dst},P={p}"))
     return specs
 
 
@@ -350,7 +420,7 @@ def test_every_kernel_and_config_compiles_for_sm80_and_sm90():
         halves = pool.map(assert_compiles, [specs[::2], specs[1::2]])
     results = [r for half in halves for r in half]
     assert len(results) == 2 * len(specs)
-    gemms = [r for r in results if "reduce" not in r["name"]]
+    gemms = [r for r in results if "reduce" not in r["name"] and "weight" not in r["name"]]
     assert all(r["mma"] for r in gemms), [r["name"] for r in gemms if not r["mma"]]
 
 
@@ -376,7 +446,7 @@ def test_cuda_shapes_match_eager_and_repeat_bitwise(shape, dtype):
     c, img, p, d, k = {**VIT_SHAPES, **ODD_SHAPES}[shape]
     n = 24 if shape in VIT_SHAPES else 8  # 24·49+ kept patches select the large tiles at the ViT shapes
     inputs, dout = make_inputs(n, c, img, img, p, d, k, dtype, seed=10, device="cuda")
-    config = pe._config_name(d, n * k, inputs["imgs"], inputs["weight"])
+    config = pe._config_name(d, n * k, dtype)
     assert (config == "small") == (shape in ODD_SHAPES), config
     out, got = check_against_eager(inputs, dout, dtype)
     with poison_outputs():
@@ -390,7 +460,9 @@ def test_cuda_shapes_match_eager_and_repeat_bitwise(shape, dtype):
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
 def test_cuda_autocast_dtype_and_values(amp_dtype):
     inputs, dout = make_inputs(24, 3, 224, 224, 16, 1024, 49, torch.float32, seed=11, device="cuda")
-    assert pe._config_name(1024, 24 * 49, inputs["imgs"], inputs["weight"]) == "large32"
+    # the forward runs the 16-bit config on the weight cast once; dW reads fp32 images and gradients
+    assert pe._config_name(1024, 24 * 49, amp_dtype) == "large16"
+    assert pe._config_name(1024, 24 * 49, torch.float32, torch.float32) == "large32"
     with torch.autocast("cuda", dtype=amp_dtype):
         with poison_outputs():
             out, got = run(pe.patch_embed, inputs, dout)
@@ -401,6 +473,23 @@ def test_cuda_autocast_dtype_and_values(amp_dtype):
     for key in GRAD_NAMES:
         assert got[key].dtype == torch.float32
         assert_within_eager_error(got[key], want_hi[key], want_lo[key], amp_dtype, f"d{key}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("img_grad", [False, True])
+def test_cuda_forward_and_backward_never_wait_for_the_gpu(img_grad):
+    """No host sync on the CUDA path (ids_keep is not range-checked on the host; bad indices are flagged on the
+    device): torch's sync debug mode raises on any synchronizing call during the forward and the backward."""
+    inputs, dout = make_inputs(8, 3, 224, 224, 14, 1280, 64, torch.bfloat16, seed=14, device="cuda")
+    grads = GRAD_NAMES if img_grad else GRAD_NAMES[1:]
+    run(pe.patch_embed, inputs, dout, grads=grads)  # first call: allocates the error flags
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(pe.patch_embed, inputs, dout, grads=grads)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check_errors()
 
 
 @pytest.mark.cuda

@@ -25,23 +25,23 @@ TRITON = "3.8."
 
 # compiled kernel (see mae_launches.label) -> what it fails
 KNOWN_SPILLS = {
-    "patch_embed.fwd_kernel[vit_h14,bf16,w8s3]": "92 B spill stores / 92 B spill loads",
-    "patch_embed.fwd_kernel[vit_h14,amp,w8s3]": "8 B spill stores / 8 B spill loads",
     "attention.bwd_dkdv_kernel[vit_h14,bf16/amp,enc,w4s2]": "68 B spill stores / 140 B spill loads",
 }
 
-_IMG14 = "P=14: a patch row is 28 B of the 448-B image row"
+_IMG14 = "P=14: a patch row (28 B of bf16, 56 B of fp32) starts at a multiple of 28 B, so 2-pixel pieces at most"
+_ROWS = "ROWS: 8-B loads (one int64 patch offset per row of the tile, 256-512 B a step beside 32 KB of operands)"
 _IDS_R = "ids_restore rows gathered at t-1"
 _TABLE = "uint8 pixels at addresses read from the image table: any width, any alignment"
 _IDS_FLAG = "IDS: 8-B loads (the rows' patch indices, loaded again for the error flag)"
 _LN_STATS = "Mean/Rstd: one fp32 per row, 1-4 rows per tile"
 _LN_PARAMS = "W/B: 8-B loads (the bf16 [D] parameters, once per tile)"
 KNOWN_NARROW = {
-    "patch_embed.bwd_reduce_kernel[vit_b16+vit_l16+vit_h14,bf16,w4s3]": "G (dout): 8-B loads in the dcls loop",
-    "patch_embed.fwd_kernel[vit_h14,bf16,w8s3]": f"IMG: 2-B loads ({_IMG14})",
-    "patch_embed.bwd_dw_kernel[vit_h14,bf16,w8s3]": f"IMG: 2-B loads ({_IMG14}); IDS: 8-B loads",
-    "patch_embed.fwd_kernel[vit_h14,amp,w8s3]": f"IMG: 4-B loads ({_IMG14}, fp32)",
-    "patch_embed.bwd_dw_kernel[vit_h14,amp,w8s3]": f"IMG: 4-B loads ({_IMG14}, fp32); IDS: 8-B loads",
+    "patch_embed.fwd_kernel[vit_h14,bf16,w8s3]": f"IMG: 4-B loads ({_IMG14})",
+    "patch_embed.bwd_dw_kernel[vit_b16+vit_l16,bf16,w8s3]": _ROWS,
+    "patch_embed.bwd_dw_kernel[vit_b16+vit_l16,amp,w8s3]": _ROWS,
+    "patch_embed.bwd_dw_kernel[vit_h14,bf16,w8s3]": f"IMG: 4-B loads ({_IMG14}); {_ROWS}",
+    "patch_embed.fwd_kernel[vit_h14,amp,w8s3]": f"IMG: 8-B loads ({_IMG14}, fp32)",
+    "patch_embed.bwd_dw_kernel[vit_h14,amp,w8s3]": f"IMG: 8-B loads ({_IMG14}, fp32); {_ROWS}",
     "patch_embed.bwd_dimg_kernel[vit_h14,bf16,w8s3,unused in MAE]": "PERM: 8-B loads",
     "patch_embed.bwd_dimg_kernel[vit_h14,amp,w8s3,unused in MAE]": "PERM: 8-B loads",
     "layer_norm.bwd_kernel[vit_b16,bf16,enc,plain+final,w4s3]": _LN_STATS,
