@@ -9,11 +9,14 @@ step's numbers are finite: a non-finite loss or gradient norm is found at most `
 the step it happened at, before anything is written from the weights it produced.
 
 :class:`GraphedStep` records the whole step (forward and backward of every micro-batch, the gradient norm and
-clipping, the AdamW update) once in a CUDA graph and replays it: one launch per step instead of thousands. The
-batch is copied into static input buffers; the mask noise is drawn inside the graph from per-micro-batch
-generators registered with it, reseeded before each replay (a replay reads a registered generator's seed and
-offset as they are on the host then), so a replay draws exactly the masks an eager step draws; AdamW runs
-``capturable`` with its learning rate in device tensors refilled before each replay.
+clipping, the AdamW update) once in a CUDA graph and replays it: one graph launch per step instead of thousands of
+kernel launches. The batch is copied into static input buffers; the mask noise is drawn inside the graph from
+per-micro-batch generators registered with it, reseeded before each replay (a replay reads a registered generator's
+seed and offset as they are on the host then), so a replay draws exactly the masks an eager step draws; AdamW runs
+``capturable`` with its learning rate in float32 device tensors refilled before each replay. Fused AdamW computes in
+double precision from a float learning rate, and from the float32 value of a tensor one, so a captured step's
+updates can differ from those of an eager step with float learning rates in the last bits; with the same tensor
+learning rates the eager step and the captured one are equal bit for bit.
 """
 
 from __future__ import annotations
@@ -26,10 +29,18 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import schedule
-
 # Steps kept on the device between two reads at most (a read is also due at every log line).
 MAX_PENDING = 1024
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """:func:`fastmae.schedule.set_lr`, writing into a group's lr tensor where it has one (a captured step's)."""
+    for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)  # a kernel launch, no synchronization
+        else:
+            group["lr"] = value
 
 
 class TrainStep:
@@ -127,7 +138,7 @@ class TrainStep:
         """
         if self.mark_cudagraph_steps:
             torch.compiler.cudagraph_mark_step_begin()
-        schedule.set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr)
         self.seed(seeds)
         out = self.compute([x.to(self.device, non_blocking=True) for x in images])
         self.optimizer.zero_grad(set_to_none=True)
@@ -164,7 +175,6 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_images: list[torch.Tensor] = []
         self.static_out: torch.Tensor | None = None
-        self.lrs: list[torch.Tensor] = []
 
     def __call__(self, images: Sequence[torch.Tensor], seeds: Sequence[int], lr: float) -> torch.Tensor:
         """As :meth:`TrainStep.__call__`; the result is a static tensor, overwritten by the next call."""
@@ -176,8 +186,7 @@ class GraphedStep:
                                  f"{list(x.shape)} {x.dtype}")  # fmt: skip
             buf.copy_(x, non_blocking=True)
         self.step.seed(seeds)
-        for group, lr_tensor in zip(self.step.optimizer.param_groups, self.lrs):
-            lr_tensor.fill_(lr * group.get("lr_scale", 1.0))
+        set_lr(self.step.optimizer, lr)
         self.graph.replay()
         return self.static_out
 
@@ -188,10 +197,9 @@ class GraphedStep:
         self.static_images = [torch.empty(x.shape, dtype=x.dtype, device=device) for x in images]  # [B, 3, S, S]
         for buf, x in zip(self.static_images, images):
             buf.copy_(x)
-        for group in opt.param_groups:
+        for group in opt.param_groups:  # the graph reads the lr from these tensors
             group["capturable"] = True
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
-        self.lrs = [group["lr"] for group in opt.param_groups]
         step.cache_casts = False  # no autocast cache across the captured region
         params = step.trainable
         saved_params = [p.detach().clone() for p in params]
