@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -201,32 +201,39 @@ class GraphedStep:
             group["capturable"] = True
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         step.cache_casts = False  # no autocast cache across the captured region
-        params = step.trainable
-        saved_params = [p.detach().clone() for p in params]
-        saved_state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state}
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            for _ in range(self.warmup):
-                step.compute(self.static_images)
-                opt.zero_grad(set_to_none=True)
-        torch.cuda.current_stream(device).wait_stream(side)
-        with torch.no_grad():  # undo the warm-up, in place (a fresh AdamW state is all zeros, step 0 included)
-            for p, saved in zip(params, saved_params):
-                p.copy_(saved)
-            for p in params:
-                for key, value in opt.state.get(p, {}).items():
-                    if p in saved_state:
-                        value.copy_(saved_state[p][key])
-                    else:
-                        value.zero_()
-        del saved_params, saved_state
+        with undone(step.trainable, opt):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                for _ in range(self.warmup):
+                    step.compute(self.static_images)
+                    opt.zero_grad(set_to_none=True)
+            torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         for gen in step.generators:
             self.graph.register_generator_state(gen)
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # loader threads may use CUDA
             self.static_out = step.compute(self.static_images)  # [2]
+
+
+@contextlib.contextmanager
+def undone(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Whatever the body does to ``params`` and to their state in ``optimizer`` is undone on exit, in place: the
+    tensors stay the same objects (a CUDA graph captured afterwards reads them), their values are put back, and
+    state the body created is zeroed (AdamW's fresh state: step 0, zero moments)."""
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
+    yield
+    with torch.no_grad():
+        for p, saved in zip(params, saved_params):
+            p.copy_(saved)
+        for p in params:
+            for key, value in optimizer.state.get(p, {}).items():
+                if p in saved_state:
+                    value.copy_(saved_state[p][key])
+                else:
+                    value.zero_()
 
 
 def plain_param_groups(optimizer_state: dict) -> dict:

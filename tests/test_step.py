@@ -251,6 +251,44 @@ def test_graphed_step_refuses_what_it_cannot_capture():
         steps.GraphedStep(step)
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+def test_undone_puts_parameters_and_adamw_state_back_in_place(fresh):
+    """What a captured step's warm-up relies on: the same tensors afterwards, with their values before it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+
+    def train_once():
+        model(torch.randn(5, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if not fresh:
+        train_once()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state}
+    with steps.undone(params, opt):
+        for _ in range(3):
+            train_once()
+        objects = {id(p): {k: id(v) for k, v in opt.state[p].items()} for p in params}
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    for p in params:
+        assert {k: id(v) for k, v in opt.state[p].items()} == objects[id(p)]  # in place
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, state[id(p)][key] if not fresh else torch.zeros_like(value)), key
+    if fresh:  # a zeroed state trains exactly as a fresh one
+        fresh_model = torch.nn.Linear(4, 3)
+        fresh_model.load_state_dict(model.state_dict())
+        fresh_opt = torch.optim.AdamW(fresh_model.parameters(), lr=1e-2, fused=True)
+        torch.manual_seed(1)
+        train_once()
+        torch.manual_seed(1)
+        fresh_model(torch.randn(5, 4)).square().sum().backward()
+        fresh_opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
+
+
 # ----------------------------------------------------------------------------------------------------------- CUDA
 
 
