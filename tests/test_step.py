@@ -396,11 +396,12 @@ def test_cuda_gpu_decode_reads_no_device_value(tmp_path):
     decode = decoder.decode_jpegs
 
     def unguarded(files):
+        mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("default")
         try:
             return decode(files)
         finally:
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode(mode)
 
     decoder.decode_jpegs = unguarded
     decoder(batch)  # first call: the views kernel compiles

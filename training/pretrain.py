@@ -407,6 +407,7 @@ def announce(run: Run, start: int) -> None:
     resolved.update(run.layout, precision=run.precision, device=str(env.device), data=source, decode=run.data.decode)
     (run.out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **resolved}, indent=2))
     mode = "FSDP" if cfg.fsdp else "DDP" if run.net.ddp else "single process"
+    mode += ", CUDA graph of the step" if cfg.cuda_graphs else f", compile {cfg.compile_mode}" if cfg.compile else ""
     print(
         f"fastmae pretrain: {cfg.model} ({run.data.img_size}px) on {env.world}×{env.device.type} ({mode}, "
         f"{run.precision}); data: {source} (--decode {run.data.decode}); eff. batch {run.eff_batch}, "
