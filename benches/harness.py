@@ -164,10 +164,12 @@ def _masked_mse(s: Shape, stage: str, dtype, device) -> Case:
     (length, k, kp), n, e = s.patches, s.batch, dtype.itemsize
     mask = random_masking(n, length, s.mask_ratio, device).mask
     args = (_rand(device, dtype, n, length, kp, leaf=True), s.images(device).to(dtype), mask, s.cfg.patch_size)
-    fwd_b = n * (length - k) * kp * 2 * e + n * length * 4  # the masked pred rows and their pixels, the mask
-    bytes_ = {"fwd": fwd_b, "fwd+bwd": fwd_b + n * length * kp * e}  # + dpred written in full
+    # the masked pred rows and their pixels, the mask, and dpred written in full: the kernel forms dpred in its
+    # forward (pred requires grad), and the backward of ``loss.backward()`` (an upstream gradient of 1, which the
+    # training step gives an unscaled loss) moves nothing more
+    moved = n * (length - k) * kp * 2 * e + n * length * 4 + n * length * kp * e
     return Case(f"N={n} L={length} masked={length - k} P={kp}", (*args, NORM_PIX_LOSS), (0,), ("loss", "d_pred"),
-                torch.rand((), device=device) + 0.5, dict.fromkeys(MODES), bytes_, "copy")  # fmt: skip
+                torch.ones((), device=device), dict.fromkeys(MODES), dict.fromkeys(MODES, moved), "copy")  # fmt: skip
 
 
 def _decoder_assembly(s: Shape, stage: str, dtype, device) -> Case:

@@ -36,6 +36,8 @@ _TABLE = "uint8 pixels at addresses read from the image table: any width, any al
 _IDS_FLAG = "IDS: 8-B loads (the rows' patch indices, loaded again for the error flag)"
 _LN_STATS = "Mean/Rstd: one fp32 per row, 1-4 rows per tile"
 _LN_PARAMS = "W/B: 8-B loads (the bf16 [D] parameters, once per tile)"
+_MASK_ROWS = "MASK: 4-B loads (one weight per row, 4 rows per tile)"
+_WPART = "WPART: 4-B loads (the 64 partial sums of the mask, read whole by every program)"
 KNOWN_NARROW = {
     "patch_embed.bwd_reduce_kernel[vit_b16+vit_l16+vit_h14,bf16,w4s3]": "G (dout): 8-B loads in the dcls loop",
     "patch_embed.fwd_kernel[vit_h14,bf16,w8s3]": f"IMG: 2-B loads ({_IMG14})",
@@ -65,22 +67,25 @@ KNOWN_NARROW = {
     "layer_norm.bwd_kernel[vit_h14,amp,enc,plain,w8s3]": _LN_STATS,
     "layer_norm.bwd_kernel[vit_h14,amp,enc,residual,w8s3]": _LN_STATS,
     "layer_norm.bwd_kernel[vit_h14,amp,enc,final,w8s3]": _LN_STATS,
-    "masked_mse.fwd_kernel[vit_b16+vit_l16,bf16,full,w8s3]": "PRED: 2-B loads ((i, j, c) gather); MASK: 4-B loads",
-    "masked_mse.bwd_kernel[vit_b16+vit_l16,bf16,full,w8s3]": "PRED: 2-B loads ((i, j, c) gather); MASK: 4-B loads",
-    "masked_mse.fwd_kernel[vit_b16+vit_l16,amp,full,w8s3]": "PRED: 2-B loads ((i, j, c) gather); MASK: 4-B loads",
-    "masked_mse.bwd_kernel[vit_b16+vit_l16,amp,full,w8s3]": "PRED: 2-B loads ((i, j, c) gather)",
-    "masked_mse.fwd_kernel[vit_h14,bf16,full,w8s3]": "IMGS: 4-B loads (P=14 patch rows); MASK: 4-B loads",
-    "masked_mse.bwd_kernel[vit_h14,bf16,full,w8s3]": "IMGS: 4-B loads (P=14 patch rows)",
-    "masked_mse.fwd_kernel[vit_h14,amp,full,w8s3]": "IMGS: 8-B loads (P=14 patch rows, fp32); MASK: 4-B loads",
-    "masked_mse.bwd_kernel[vit_h14,amp,full,w8s3]": "IMGS: 8-B loads (P=14 patch rows, fp32)",
-    "masked_mse.fwd_kernel[vit_b16+vit_l16,bf16,rows,w8s3]": "PRED: 2-B loads ((i, j, c) gather)",
-    "masked_mse.bwd_kernel[vit_b16+vit_l16,bf16,rows,w8s3]": "PRED: 2-B loads ((i, j, c) gather)",
-    "masked_mse.fwd_kernel[vit_b16+vit_l16,amp,rows,w8s3]": "PRED: 2-B loads ((i, j, c) gather)",
-    "masked_mse.bwd_kernel[vit_b16+vit_l16,amp,rows,w8s3]": "PRED: 2-B loads ((i, j, c) gather)",
-    "masked_mse.fwd_kernel[vit_h14,bf16,rows,w8s3]": f"IMGS: 4-B loads (P=14 patch rows); {_IDS_FLAG}",
-    "masked_mse.bwd_kernel[vit_h14,bf16,rows,w8s3]": "IMGS: 4-B loads (P=14 patch rows)",
-    "masked_mse.fwd_kernel[vit_h14,amp,rows,w8s3]": f"IMGS: 8-B loads (P=14 patch rows, fp32); {_IDS_FLAG}",
-    "masked_mse.bwd_kernel[vit_h14,amp,rows,w8s3]": "IMGS: 8-B loads (P=14 patch rows, fp32)",
+    "masked_mse.fwd_kernel[vit_b16+vit_l16,bf16,full,w8s3]": f"{_MASK_ROWS}; {_WPART}",
+    "masked_mse.bwd_scale_kernel[vit_b16+vit_l16,bf16+amp,full,w8s3]": f"{_MASK_ROWS} (to skip the unscored rows)",
+    "masked_mse.fwd_kernel[vit_b16+vit_l16,bf16,full/compiled,w8s3]": _MASK_ROWS,
+    "masked_mse.bwd_kernel[vit_b16+vit_l16,bf16,full/compiled,w8s3]": f"{_MASK_ROWS}; {_WPART}",
+    "masked_mse.fwd_kernel[vit_b16+vit_l16,amp,full,w8s3]": f"{_MASK_ROWS}; {_WPART}",
+    "masked_mse.fwd_kernel[vit_b16+vit_l16,amp,full/compiled,w8s3]": _MASK_ROWS,
+    "masked_mse.bwd_kernel[vit_b16+vit_l16,amp,full/compiled,w8s3]": f"{_MASK_ROWS}; {_WPART}",
+    **{
+        f"masked_mse.{kernel}[vit_h14,{mode},{variant},w8s3]": f"{img}{extra}"
+        for mode, img in (("bf16", "IMGS: 4-B loads (P=14 patch rows)"), ("amp", "IMGS: 8-B loads (P=14 patch rows)"))
+        for kernel, variant, extra in (
+            ("fwd_kernel", "full", f"; {_WPART}"),
+            ("fwd_kernel", "rows", f"; {_IDS_FLAG}"),
+            ("fwd_kernel", "full/compiled", ""),
+            ("bwd_kernel", "full/compiled", f"; {_WPART}"),
+            ("fwd_kernel", "rows/compiled", f"; {_IDS_FLAG}"),
+            ("bwd_kernel", "rows/compiled", ""),
+        )
+    },
     "decoder_assembly.fwd_kernel[vit_b16+vit_l16,bf16,w4s3]": f"IDS: 8-B loads ({_IDS_R}); TOK: 2-B loads",
     "decoder_assembly.bwd_kernel[vit_b16+vit_l16,bf16,w4s3]": f"IDS: 8-B loads ({_IDS_R})",
     "decoder_assembly.fwd_kernel[vit_b16+vit_l16,amp,w4s3]": f"IDS: 8-B loads ({_IDS_R}); TOK: 4-B loads",
