@@ -397,7 +397,7 @@ def column_groups(head_dim: int) -> tuple[int, int]:
 def force_config(**index: int) -> Iterator[None]:
     """Launch the named kernels with config ``index`` of their candidate list instead of the autotuner's pick.
 
-    Names: ``fwd``, ``bwd``, ``bwd_dq``, ``bwd_dkdv``; e.g. ``force_config(fwd=1)``.
+    Names: ``fwd``, ``bwd_fused``, ``bwd``, ``bwd_dq``, ``bwd_dkdv``; e.g. ``force_config(fwd=1)``.
     """
     unknown = set(index) - set(CONFIGS)
     if unknown:
