@@ -27,7 +27,6 @@ TRITON = "3.8."
 KNOWN_SPILLS = {
     "patch_embed.fwd_kernel[vit_h14,bf16,w8s3]": "92 B spill stores / 92 B spill loads",
     "patch_embed.fwd_kernel[vit_h14,amp,w8s3]": "8 B spill stores / 8 B spill loads",
-    "attention.bwd_dkdv_kernel[vit_h14,bf16/amp,enc,w4s2]": "68 B spill stores / 140 B spill loads",
 }
 
 _IMG14 = "P=14: a patch row is 28 B of the 448-B image row"
