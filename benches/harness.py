@@ -3,12 +3,17 @@
 Shapes: ViT-B/16, ViT-L/16 and ViT-H/14 MAE at batch 256, mask ratio 0.75, bf16 on CUDA; a tiny one in fp32 for
 the CPU dry run (Triton kernels under the interpreter), which shows that every body runs, not how fast. Providers:
 ``eager`` (fastmae/reference.py), ``compile`` (``torch.compile`` of it), ``triton`` (fastmae's kernel), for the
-step ``triton+compile``, for attention each SDPA backend (``sdpa_*``). Counts: BENCHMARKS.md, "What the rates count".
+block and the step ``triton+compile``, for the step ``triton+graphs`` (the step captured in a CUDA graph, as
+``pretrain.py --cuda-graphs`` runs it) and ``triton+reduce-overhead`` (``torch.compile(mode="reduce-overhead")``), for
+attention each SDPA backend (``sdpa_*``). Counts: BENCHMARKS.md, "What the rates count".
 
-Adding an op, say ``block``: write ``_block(s, stage, dtype, device) -> Case`` (fresh random inputs, differentiated
-ones as leaves, the output gradient, the counts), add ``"block": Op(reference.block, _block)`` to :data:`OPS` (its
-kernel is ``fastmae.ops.KERNELS["block"]``), copy ``bench_masked_mse.py`` to ``bench_block.py`` with the name
-changed, and add its target to ``report.TARGETS``; the report's checks, tables and results follow from :data:`OPS`.
+Adding an op, say ``softmax``: write ``_softmax(s, stage, dtype, device) -> Case`` (fresh random inputs,
+differentiated ones as leaves, the output gradient, the counts), add ``"softmax": Op(reference.softmax, _softmax)`` to
+:data:`OPS` (its kernel is ``fastmae.ops.KERNELS["softmax"]``; an op that fastmae builds from several kernels, like
+the block of benches/harness_block.py, names its function, module and kernels in ``Op.fused``, ``fused_module`` and
+``kernels``), copy ``bench_masked_mse.py`` to ``bench_softmax.py`` with the name changed, and add its target to
+``report.TARGETS`` and its name to ``report.OP_SECTIONS``; the report's checks, tables and results follow from
+:data:`OPS`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from pathlib import Path
 
 import torch
 
+from benches import harness_block
 from fastmae import MAE, get_config, ops, reference
+from fastmae import step as steps
 from fastmae.configs import MAEConfig
 from fastmae.kernels._common import interpreting
 from fastmae.masking import num_kept, random_masking
@@ -37,7 +44,8 @@ from fastmae.schedule import build_adamw
 
 HAS_CUDA = torch.cuda.is_available()
 MODES = ("fwd", "fwd+bwd")
-STEP_PROVIDERS = ("eager", "compile", "triton", "triton+compile")
+MODEL_PROVIDERS = ("eager", "compile", "triton", "triton+compile")
+STEP_PROVIDERS = (*MODEL_PROVIDERS, "triton+graphs", "triton+reduce-overhead")
 SDPA = {
     "sdpa_flash": "FLASH_ATTENTION",
     "sdpa_efficient": "EFFICIENT_ATTENTION",
@@ -156,10 +164,12 @@ def _masked_mse(s: Shape, stage: str, dtype, device) -> Case:
     (length, k, kp), n, e = s.patches, s.batch, dtype.itemsize
     mask = random_masking(n, length, s.mask_ratio, device).mask
     args = (_rand(device, dtype, n, length, kp, leaf=True), s.images(device).to(dtype), mask, s.cfg.patch_size)
-    fwd_b = n * (length - k) * kp * 2 * e + n * length * 4  # the masked pred rows and their pixels, the mask
-    bytes_ = {"fwd": fwd_b, "fwd+bwd": fwd_b + n * length * kp * e}  # + dpred written in full
+    # the masked pred rows and their pixels, the mask, and dpred written in full: the kernel forms dpred in its
+    # forward (pred requires grad), and the backward of ``loss.backward()`` (an upstream gradient of 1, which the
+    # training step gives an unscaled loss) moves nothing more
+    moved = n * (length - k) * kp * 2 * e + n * length * 4 + n * length * kp * e
     return Case(f"N={n} L={length} masked={length - k} P={kp}", (*args, NORM_PIX_LOSS), (0,), ("loss", "d_pred"),
-                torch.rand((), device=device) + 0.5, dict.fromkeys(MODES), bytes_, "copy")  # fmt: skip
+                torch.ones((), device=device), dict.fromkeys(MODES), dict.fromkeys(MODES, moved), "copy")  # fmt: skip
 
 
 def _decoder_assembly(s: Shape, stage: str, dtype, device) -> Case:
@@ -173,15 +183,27 @@ def _decoder_assembly(s: Shape, stage: str, dtype, device) -> Case:
                 {"fwd": fwd_b, "fwd+bwd": fwd_b + bwd_b}, "copy")  # fmt: skip
 
 
+def _block(s: Shape, stage: str, dtype, device) -> Case:
+    return Case(**harness_block.block_case(s, stage, device))  # fp32 under bf16 autocast on CUDA, whatever dtype
+
+
 @dataclass(frozen=True)
 class Op:
-    """A benchmarked op: its eager form, its case builder, its shapes (``stages``) and providers."""
+    """A benchmarked op: its eager form, its case builder, its shapes (``stages``) and providers; ``fused``: fastmae's
+    form when it is not one kernel of ``fastmae.ops.KERNELS`` but a module (``fused_module``) built on the kernels
+    ``kernels``."""
 
     reference: Callable
     make: Callable[[Shape, str, torch.dtype, torch.device], Case]
     stages: tuple[str, ...] = ("",)
     providers: tuple[str, ...] = ("eager", "compile", "triton")
+    fused: Callable | None = None
+    fused_module: str = ""
+    kernels: tuple[str, ...] = ()
 
+
+BLOCK = Op(harness_block.block_reference, _block, ("encoder", "decoder"), (*MODEL_PROVIDERS[:3], "triton+compile"),
+           harness_block.fused_block, "fastmae.layers.Block", ("layer_norm", "gelu", "attention"))  # fmt: skip
 
 # The one place an op's name meets its functions (the kernel: fastmae.ops.KERNELS[name]).
 OPS = {
@@ -189,6 +211,7 @@ OPS = {
     "attention": Op(reference.attention, _attention, ("encoder", "decoder"), ("eager", "compile", "triton", *SDPA)),
     "masked_mse": Op(reference.masked_mse, _masked_mse),
     "decoder_assembly": Op(reference.decoder_assembly, _decoder_assembly),
+    "block": BLOCK,
 }
 
 
@@ -198,7 +221,10 @@ def make_case(op: str, shape: Shape, device: torch.device, dtype: torch.dtype, s
 
 
 def kernel_module(op: str) -> str | None:
-    """The module of ``op``'s Triton kernel, or None when fastmae has none."""
+    """The module of ``op``'s Triton kernel (or of the module built on its kernels), or None when fastmae has none."""
+    spec = OPS.get(op)
+    if spec is not None and spec.fused is not None:
+        return spec.fused_module if all(ops.triton_kernel(k) is not None for k in spec.kernels) else None
     return ops.KERNELS[op][0] if ops.triton_kernel(op) is not None else None
 
 
@@ -209,24 +235,27 @@ def _need_triton(device: torch.device) -> None:
 
 def kernel(op: str, device: torch.device) -> Callable:
     """fastmae's Triton kernel for ``op``; :class:`Unavailable` when it is missing or cannot run here."""
+    spec = OPS.get(op)
     if kernel_module(op) is None:
-        raise Unavailable(f"{ops.KERNELS[op][0]} is not present (no Triton kernel for {op} yet)")
+        missing = ", ".join(spec.kernels) if spec and spec.fused else ops.KERNELS[op][0]
+        raise Unavailable(f"{missing}: not present (no Triton kernel for {op} yet)")
     _need_triton(device)
-    return ops.triton_kernel(op)
+    return spec.fused if spec and spec.fused else ops.triton_kernel(op)
 
 
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn, dynamic=False)``: each benchmarked shape gets its own graph, past dynamo's caps."""
+def compiled(fn: Callable, mode: str | None = None) -> Callable:
+    """``torch.compile(fn, dynamic=False, mode=mode)``: a graph per benchmarked shape, past dynamo's caps."""
     cfg = torch._dynamo.config
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 256))
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
 @functools.cache
-def _compiled_reference(op: str) -> Callable:
-    return compiled(OPS[op].reference)  # one wrapper per op: forward and forward+backward rows share its graphs
+def _compiled_reference(op: str, fused: bool = False) -> Callable:
+    # one wrapper per op: forward and forward+backward rows share its graphs
+    return compiled(OPS[op].fused if fused else OPS[op].reference)
 
 
 def _sdpa(qkv: torch.Tensor, num_heads: int, *, backend: str) -> torch.Tensor:
@@ -242,10 +271,13 @@ def provider_fn(op: str, provider: str, device: torch.device) -> Callable:
         raise ValueError(f"provider for {op} must be one of {OPS[op].providers}, got {provider!r}")
     if provider == "triton":
         return kernel(op, device)
-    if device.type != "cuda" and provider in ("compile", "sdpa_efficient", "sdpa_cudnn"):
-        raise Unavailable(NO_CPU_COMPILE if provider == "compile" else f"{provider} is a CUDA-only SDPA backend")
+    if device.type != "cuda" and provider in ("compile", "triton+compile", "sdpa_efficient", "sdpa_cudnn"):
+        raise Unavailable(NO_CPU_COMPILE if "compile" in provider else f"{provider} is a CUDA-only SDPA backend")
     if provider.startswith("sdpa_"):
         return functools.partial(_sdpa, backend=SDPA[provider])
+    if provider == "triton+compile":
+        kernel(op, device)
+        return _compiled_reference(op, fused=True)
     return _compiled_reference(op) if provider == "compile" else OPS[op].reference
 
 
@@ -271,7 +303,7 @@ def autocast(device: torch.device):
 
 
 def build_model(shape: Shape, provider: str, device: torch.device) -> torch.nn.Module:
-    """``MaskedAutoencoderViT`` for eager/compile, ``fastmae.MAE(impl="triton")`` for triton/triton+compile."""
+    """``MaskedAutoencoderViT`` for eager/compile, ``fastmae.MAE(impl="triton")`` for the ``triton*`` providers."""
     kwargs = shape.cfg.kwargs() | {"norm_pix_loss": NORM_PIX_LOSS}
     if not provider.startswith("triton"):
         return reference.MaskedAutoencoderViT(**kwargs).to(device)
@@ -299,7 +331,8 @@ def step_flops(s: Shape) -> dict[str, float]:
 
 def make_bench(op: str, shape: Shape, stage: str, mode: str, provider: str, device: torch.device) -> Bench:
     """``op`` of :data:`OPS` in ``mode``; or ``"step"``: forward under autocast, backward, training/pretrain.py's
-    AdamW (MAE's parameter groups, fused on CUDA)."""
+    AdamW (MAE's parameter groups, fused on CUDA); ``triton+graphs`` runs it as ``fastmae.step.GraphedStep`` (which
+    also computes the gradient norm, as pretrain.py's step does)."""
     torch.manual_seed(0)
     if op != "step":
         fn = provider_fn(op, provider, device)
@@ -311,13 +344,24 @@ def make_bench(op: str, shape: Shape, stage: str, mode: str, provider: str, devi
         return Bench(run, c.label, c.flops[mode], c.nbytes[mode], c.bound)
     if provider not in STEP_PROVIDERS:
         raise ValueError(f"step provider must be one of {STEP_PROVIDERS}, got {provider!r}")
-    if "compile" in provider and device.type != "cuda":
-        raise Unavailable(NO_CPU_COMPILE)
+    if provider != "triton" and provider != "eager" and device.type != "cuda":
+        raise Unavailable(NO_CPU_COMPILE if "compile" in provider else f"{provider} needs CUDA (CUDA graphs)")
     model = build_model(shape, provider, device)
     opt = build_adamw(model, lr=1.5e-4)
-    forward, imgs = compiled(model) if "compile" in provider else model, shape.images(device)  # fp32, as loaded
+    imgs, kernels = shape.images(device), kernels_in_use() if provider.startswith("triton") else []  # fp32, as loaded
+    if provider == "triton+graphs":  # pretrain.py --cuda-graphs: one replay per step, new masks each time
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        graphed = steps.GraphedStep(steps.TrainStep(model, model, opt, scaler, torch.bfloat16, shape.mask_ratio,
+                                                    False, 1, None, device))  # fmt: skip
+        seeds = itertools.count()
+        return Bench(lambda: graphed([imgs], [next(seeds)], 1.5e-4), f"batch {shape.batch}",
+                     step_flops(shape)["step"], None, "matmul", shape.batch, kernels)  # fmt: skip
+    mode = "reduce-overhead" if provider.endswith("reduce-overhead") else None
+    forward = compiled(model, mode) if "compile" in provider or mode else model
 
     def step() -> torch.Tensor:
+        if mode:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
             loss, _, _ = forward(imgs, shape.mask_ratio)
         loss.backward()
@@ -325,7 +369,6 @@ def make_bench(op: str, shape: Shape, stage: str, mode: str, provider: str, devi
         opt.zero_grad(set_to_none=True)
         return loss
 
-    kernels = kernels_in_use() if provider.startswith("triton") else []
     return Bench(step, f"batch {shape.batch}", step_flops(shape)["step"], None, "matmul", shape.batch, kernels)
 
 
@@ -349,7 +392,7 @@ def params(op: str) -> list:
 def release(op: str, provider: str, device: torch.device) -> None:
     """Free what a measurement held: a step's model (and its compiled graphs), the allocator's cached blocks."""
     if op == "step":
-        if "compile" in provider:
+        if "compile" in provider or "reduce-overhead" in provider:
             torch._dynamo.reset()
         gc.collect()  # a model's reference cycles; about 0.5 s, so not after every op row
     if device.type == "cuda":

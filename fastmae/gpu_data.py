@@ -256,7 +256,10 @@ class ViewDecoder:
                 img, box, flip, skipped = self.views.substitute(epoch, index, source)
                 boxes[i], flips[i] = torch.tensor(box), flip
                 bad += skipped
-            images[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1).to(self.device)  # [3, H, W], HWC strides
+            pixels = torch.from_numpy(np.array(img))  # [H, W, 3]
+            if self.device.type == "cuda":  # through pinned memory: the copy does not block the host
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            images[i] = pixels.permute(2, 0, 1)  # [3, H, W], HWC strides
             self.pillow_decoded += 1
         views = ops.resized_crop(
             self.impl, images, boxes, flips, self.views.img_size, data.IMAGENET_MEAN, data.IMAGENET_STD, self.dtype

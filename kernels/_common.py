@@ -82,6 +82,13 @@ def recording_launches() -> Iterator[None]:
         _recording = prev
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` as ``[M, D]`` rows with a unit-stride last dim (a view when the strides allow it), for the
+    row-wise kernels."""
+    t = t.reshape(-1, t.shape[-1])  # [M, D]
+    return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     """Raise a TypeError unless ``t`` is a tensor of a supported floating dtype."""
     if not isinstance(t, torch.Tensor):

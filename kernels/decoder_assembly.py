@@ -20,8 +20,11 @@ Backward, with ``g = dout``::
 ids_restore is a permutation, so each kept token comes from exactly one position: dx is written by a scatter of
 whole rows with no atomics and every row of dx is written once. ``_bwd_kernel`` (one program per (n, column
 block), looping over the rows in a fixed order) also sums the masked rows into a per-sample partial ``[N, Dd]``;
-``_bwd_sum_kernel`` then adds the N partials in a fixed order. dpos uses the same kernel over ``g`` viewed
-``[N, (1+L)·Dd]``. Everything is deterministic; accumulation is fp32.
+``_bwd_sum_kernel`` then adds the N partials in a fixed order, in two stages when the columns alone would give
+too few programs (Dd = 512: 2): first the partials of chunks of SUM_CHUNK samples, each chunk one program per
+column block, then the chunk sums. dpos uses the same kernel over ``g`` viewed ``[N, (1+L)·Dd]``, wide enough in
+one stage. Everything is deterministic (the chunks and the order within each are fixed by the shapes);
+accumulation is fp32.
 
 Constraints: ``x [N, 1+K, Dd]`` with ``0 ≤ K ≤ L``, ``ids_restore`` int64 ``[N, L]``, ``mask_token [1, 1, Dd]``,
 ``pos_embed [1, 1+L, Dd]``, any strides. ids_restore must hold a permutation of ``0..L-1`` per row: checked on the
@@ -115,22 +118,29 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _bwd_sum_kernel(SRC, OUT, N, M, s_n, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """OUT[m] = Σ_n SRC[n, m] (fp32), summed in a fixed order; SRC's last dim contiguous."""
+def _bwd_sum_kernel(SRC, OUT, N, M, s_n, span, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """OUT[k, m] = Σ SRC[n, m] over the k-th chunk of ``span`` rows (k = program_id(1); span a multiple of BLOCK_N),
+    fp32, summed in a fixed order; SRC's last dim contiguous, OUT contiguous [chunks, M]."""
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c_ok = cols < M
+    first = tl.program_id(1).to(tl.int64) * span
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    for n0 in range(0, span, BLOCK_N):
+        rows = first + n0 + tl.arange(0, BLOCK_N)
         v = tl.load(SRC + rows[:, None] * s_n + cols[None, :], mask=(rows < N)[:, None] & c_ok[None, :], other=0.0)
         acc += v.to(tl.float32)
-    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=c_ok)
+    out = OUT + tl.program_id(1).to(tl.int64) * M + cols
+    tl.store(out, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=c_ok)
 
 
 # Tuning: forward tiles of BLOCK_T = 32 rows × BLOCK_D ≤ 128 columns (one program per tile, 4 warps); the backward
 # loops over the rows of one sample per program (N × Dd/BLOCK_D programs); the batch sums take 8 rows × 256 columns
-# per step. Chosen from Dd alone (no autotuning, so the summation order is the same in every process).
+# per step. A sum whose columns give fewer than SUM_SPLIT_BELOW programs runs in two stages: chunks of SUM_CHUNK
+# samples (2 steps each), then the chunk sums (N = 256, Dd = 512: 2 × 16 programs of 2 steps, then 2 programs of 2
+# steps, where one stage is 2 programs of 32 dependent steps). Chosen from the shapes alone (no autotuning, so the
+# summation order is the same in every process).
 SUM_BLOCK_N, SUM_BLOCK_M = 8, 256
+SUM_CHUNK, SUM_SPLIT_BELOW = 16, 64
 
 
 def tiling(dd: int) -> tuple[int, int, int]:
@@ -195,17 +205,27 @@ def _launch_fwd(
     return out
 
 
-def _sum_over_batch(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Σ over dim 0 of a [N, M] tensor with a contiguous last dim, deterministic; returns [M] in dtype."""
+def _sum_rows(src: torch.Tensor, out: torch.Tensor, span: int) -> None:
+    """out[k] = Σ of src's k-th chunk of ``span`` rows (one launch; see _bwd_sum_kernel)."""
     n, m = src.shape
-    out = empty(m, dtype=dtype, device=src.device)  # [M]
-    args = (src, out, n, m, src.stride(0))
+    args = (src, out, n, m, src.stride(0), span)
     consts = {"BLOCK_N": SUM_BLOCK_N, "BLOCK_M": SUM_BLOCK_M}
-    grid = (triton.cdiv(m, SUM_BLOCK_M),)
+    grid = (triton.cdiv(m, SUM_BLOCK_M), triton.cdiv(n, span))
     if not _INTERPRETED:
         wrap_triton(_bwd_sum_kernel)[grid](*args, **consts, num_warps=4)
     elif not launch_skipped(*args):
         _bwd_sum_kernel[grid](*args, **consts)
+
+
+def _sum_over_batch(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Σ over dim 0 of a [N, M] tensor with a contiguous last dim, deterministic; returns [M] in dtype."""
+    n, m = src.shape
+    if triton.cdiv(m, SUM_BLOCK_M) < SUM_SPLIT_BELOW and n > SUM_CHUNK:
+        part = empty(triton.cdiv(n, SUM_CHUNK), m, dtype=torch.float32, device=src.device)  # [N / SUM_CHUNK, M]
+        _sum_rows(src, part, SUM_CHUNK)
+        src, n = part, part.shape[0]
+    out = empty(m, dtype=dtype, device=src.device)  # [M]
+    _sum_rows(src, out, triton.cdiv(n, SUM_BLOCK_N) * SUM_BLOCK_N)
     return out
 
 

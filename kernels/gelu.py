@@ -42,6 +42,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastmae.kernels._common import (
+    as_rows,
     check_device,
     check_float,
     check_same_device,
@@ -206,12 +207,6 @@ def _launch_bwd(x: torch.Tensor, bias: torch.Tensor | None, dy: torch.Tensor) ->
     return dx, dbias
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``[..., H]`` as ``[M, H]`` rows with a unit-stride last dim (a view when the strides allow it)."""
-    t = t.reshape(-1, t.shape[-1])  # [M, H]
-    return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
-
-
 class GeluFunction(torch.autograd.Function):
     """Autograd of the fused op on ``[M, H]`` rows."""
 
@@ -225,7 +220,7 @@ class GeluFunction(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
-        dx, dbias = gelu_bwd(x, bias, _rows(dy))
+        dx, dbias = gelu_bwd(x, bias, as_rows(dy))
         return dx, dbias if bias is not None and ctx.needs_input_grad[1] else None
 
 
@@ -247,5 +242,5 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         the next Linear casts it to x's dtype anyway). Differentiable in x and bias.
     """
     _check(x, bias)
-    out = GeluFunction.apply(_rows(x), bias.contiguous() if bias is not None else None)
+    out = GeluFunction.apply(as_rows(x), bias.contiguous() if bias is not None else None)
     return out.view(x.shape)

@@ -50,6 +50,7 @@ from torch.library import wrap_triton
 
 from fastmae.kernels._common import (
     FLOAT_DTYPES,
+    as_rows,
     check_device,
     check_float,
     check_same_device,
@@ -273,12 +274,6 @@ def _launch_bwd(
     return dx, dbranch, dw, db
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``[..., D]`` as ``[M, D]`` rows with a unit-stride last dim (a view when the strides allow it)."""
-    t = t.reshape(-1, t.shape[-1])  # [M, D]
-    return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
-
-
 class LayerNormFunction(torch.autograd.Function):
     """Autograd of the fused op on ``[M, D]`` rows: outputs ``(x_new, y)`` with a branch, ``y`` without."""
 
@@ -302,9 +297,9 @@ class LayerNormFunction(torch.autograd.Function):
             dx = None if dres is None else dres.to(x_dtype)
             dbranch = None if dres is None else dres.to(branch_dtype)
             return dx, dbranch, None, None, None, None
-        dy = _rows(dy)
+        dy = as_rows(dy)
         if dres is not None:
-            dres = _rows(dres)
+            dres = as_rows(dres)
         dx, dbranch, dw, db = layer_norm_bwd(dy, dres, x_new, weight, mean, rstd, x_dtype, branch_dtype, bias_dtype)
         if not has_branch:
             dbranch = None
@@ -351,7 +346,12 @@ def layer_norm(
         out_dtype = torch.get_autocast_dtype("cuda") if autocast else new_dtype
     shape = x.shape
     out = LayerNormFunction.apply(
-        _rows(x), _rows(branch) if has_branch else None, weight.contiguous(), bias.contiguous(), float(eps), out_dtype
+        as_rows(x),
+        as_rows(branch) if has_branch else None,
+        weight.contiguous(),
+        bias.contiguous(),
+        float(eps),
+        out_dtype,
     )
     if not has_branch:
         return out.view(shape)

@@ -56,6 +56,7 @@ memory, its output row is NaN, ``_fwd_kernel`` flags it, and the backward leaves
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -323,10 +324,23 @@ def _bwd_dimg_kernel(
 # warps beside 512 cycles of MMA); (128, 128, 32, 8, 4) is the alternative a GPU settles (164 registers, R = 588
 # padded to 608 instead of 640: 5% less MMA, twice the steps). Forward programs are ordered with the D tiles of one
 # row tile adjacent, so the gathered A tile is re-read from L2.
+# Each choice a GPU settles is read from the environment at import (BENCHMARKS.md, "Choices to settle on a GPU").
+SHORT_K_ENV = "FASTMAE_PATCH_EMBED_SHORT_K"  # the P = 14 forward's reduction step: 64 (default) or 32
+DW_PROGRAMS_ENV = "FASTMAE_PATCH_EMBED_DW_PROGRAMS"  # the dW split's target number of programs: 264 (default) or 132
+
+
+def _env_choice(name: str, default: int, choices: tuple[int, ...]) -> int:
+    value = os.environ.get(name, "").strip() or str(default)
+    if not value.isdigit() or int(value) not in choices:
+        raise ValueError(f"${name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return int(value)
+
+
+_SHORT_CONFIGS = {64: (128, 128, 64, 8, 3), 32: (128, 128, 32, 8, 4)}
 CONFIGS = {
     "small": (32, 32, 32, 4, 2),
     "large16": (128, 128, 64, 8, 3),
-    "large16_short": (128, 128, 64, 8, 3),
+    "large16_short": _SHORT_CONFIGS[_env_choice(SHORT_K_ENV, 64, (64, 32))],
     "large32": (128, 128, 32, 8, 3),
 }
 
@@ -336,7 +350,7 @@ CONFIGS = {
 # of partials where 11 to 15 splits wrote 33 to 35 MB), each split covering at least DW_MIN_TILES_PER_SPLIT row
 # tiles. One wave (132) more than halves the partials again at a worse wave fill; a GPU settles it (BENCHMARKS.md).
 # The ordered sum of the splits runs REDUCE_BLOCK elements per program.
-DW_TARGET_PROGRAMS = 264
+DW_TARGET_PROGRAMS = _env_choice(DW_PROGRAMS_ENV, 264, (264, 132))
 DW_MIN_TILES_PER_SPLIT = 4
 REDUCE_BLOCK = 512
 # The weight matrix copy: square tiles of this size.

@@ -42,8 +42,8 @@ Output layout: NCHW contiguous (``[B, 3, S, S]``, strides ``3S², S², S, 1``), 
 it as patches: the patch embedding (``kernels/patch_embed.py``) loads A tiles along ``r = c·P² + i·P + j`` with j
 innermost, so NCHW gives runs of P contiguous pixels (64 B per patch row in fp32, whole 32-B sectors), where
 channels_last puts consecutive j 3 elements apart and each load uses a third of every sector it touches; the loss
-(``kernels/masked_mse.py``) lays its lanes out in (c, i, j) order for the same reason. The kernel's own stores
-are ``BLOCK_X`` contiguous elements per row and channel either way.
+(``kernels/masked_mse.py``) reads each patch row's pixels as C runs of P along image rows for the same reason. The
+kernel's own stores are ``BLOCK_X`` contiguous elements per row and channel either way.
 
 Constraints: ``1 ≤ h ≤ H_b``, ``1 ≤ w ≤ W_b`` with the box inside the image; ``S ≥ 1``; any image sizes within one
 batch. Offsets are int64. The images and the output live on one CUDA device (or the CPU under

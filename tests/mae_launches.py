@@ -18,7 +18,9 @@ argument values is restated here. What this module states is how MAE calls the o
   encoder's last add and norm, output in the residual stream's dtype; the decoder's final norm, without an add, on
   the masked rows only as with ``pred_masked_only``); each GELU with fc1's bias (``bias``, the default) and without
   (``plain``).
-* ``norm_pix_loss=True`` (the paper's recipe) for the loss, on both its full-prediction and masked-rows paths;
+* ``norm_pix_loss=True`` (the paper's recipe) for the loss, on both its full-prediction and masked-rows paths,
+  eagerly (the forward forms the gradient) and as under ``torch.compile`` (``/compiled``: the backward recomputes
+  it; ``masked_mse.form_gradient``);
 * the input views of the GPU data path (``--decode gpu``): 256 views at the model's size, written in the model's
   input dtype (fp32 under autocast, bf16 for a bf16 model), of ImageNet-sized and of 12-megapixel photos.
 
@@ -89,10 +91,18 @@ def _attention(tokens: int, dim: int, heads: int, device) -> None:
     _backward(attention(qkv, heads), qkv)
 
 
-def _loss(cfg, masking, mode: str, rows: bool) -> None:
+def _loss(cfg, masking, mode: str, rows: bool, compiled: bool = False) -> None:
+    from unittest import mock
+
     import torch
 
+    from fastmae.kernels import masked_mse as module
     from fastmae.kernels.masked_mse import masked_mse
+
+    if compiled:  # what tracing under torch.compile decides, without tracing
+        with mock.patch.object(module, "form_gradient", lambda: False):
+            _loss(cfg, masking, mode, rows)
+        return
 
     dt, lt = _dtypes(mode)
     n, c, img, p = BATCH, cfg.in_chans, cfg.img_size, cfg.patch_size
@@ -204,10 +214,11 @@ def run_mae(rec, models: list[str] | None = None, device: str = "cpu") -> None:
                         with rec.tagged(op="patch_embed"):
                             _patch_embed(cfg, masking, mode)
                         _block_ops(cfg, kept, num_patches - kept, mode, device, rec)
-                        with rec.tagged(op="masked_mse", variant="full"):
-                            _loss(cfg, masking, mode, rows=False)
-                        with rec.tagged(op="masked_mse", variant="rows"):
-                            _loss(cfg, masking, mode, rows=True)
+                        for compiled in (False, True):
+                            for rows in (False, True):
+                                variant = ("rows" if rows else "full") + ("/compiled" if compiled else "")
+                                with rec.tagged(op="masked_mse", variant=variant):
+                                    _loss(cfg, masking, mode, rows, compiled)
                         with rec.tagged(op="decoder_assembly"):
                             _decoder_input(cfg, masking, mode)
                         for source in VIEW_SOURCES:

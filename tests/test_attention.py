@@ -75,7 +75,8 @@ def check_against_eager(b, n, h, d, dtype, scale=None, mult=1.0, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("n,d", [(n, d) for n in NS for d in DS])
 def test_forward_and_grads_match_eager(n, d, dtype):
-    """Every listed N with every listed head dim (80 padded to 128 in registers); B·H = 3; default and set scale."""
+    """Every listed N with every listed head dim (80 as 5 column groups of 16); B·H = 3; default and set scale.
+    fp16 covers every backward: fused (N <= 64), one pass (65, 197 at d = 32), two kernels (the rest)."""
     i = NS.index(n) + DS.index(d)
     b, h = (3, 1) if i % 2 else (1, 3)
     check_against_eager(b, n, h, d, dtype, scale=None if i % 3 else 0.37, mult=1.5, seed=i)
@@ -136,9 +137,11 @@ def test_head_dim_16_and_long_sequence():
     check_against_eager(2, 300, 1, 16, torch.float16, seed=5)
 
 
-@pytest.mark.parametrize("n,dtype", [(50, torch.float16), (65, torch.float16), (197, torch.float32)])
-def test_bitwise_deterministic(n, dtype):
-    qkv, dout = make_qkv(3, n, 1, 64, dtype, seed=3)
+@pytest.mark.parametrize(
+    "n,d,dtype", [(50, 64, torch.float16), (65, 64, torch.float16), (197, 32, torch.float16), (197, 64, torch.float32)]
+)
+def test_bitwise_deterministic(n, d, dtype):
+    qkv, dout = make_qkv(3, n, 1, d, dtype, seed=3)
     out_a, grad_a = run_kernel(qkv, dout, 1)
     out_b, grad_b = run_kernel(qkv, dout, 1)
     assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
@@ -200,8 +203,51 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
 
 def test_force_config_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown kernel names"):
-        with attn.force_config(bwd=0):
+        with attn.force_config(bwd_fused=0, bwd_all=0):
             pass
+
+
+@pytest.mark.parametrize(
+    "n,d,dtype,backward",
+    [
+        (50, 64, torch.float16, "fused"),
+        (64, 32, torch.float16, "fused"),
+        (65, 32, torch.float16, "one_pass"),
+        (197, 32, torch.float16, "one_pass"),
+        (256, 16, torch.float16, "one_pass"),
+        (257, 32, torch.float16, "split"),
+        (197, 64, torch.float16, "split"),
+        (65, 80, torch.bfloat16, "split"),
+        (197, 32, torch.float32, "split"),
+        (50, 32, torch.float32, "split"),
+    ],
+)
+def test_tiling_picks_the_backward(n, d, dtype, backward, monkeypatch):
+    monkeypatch.delenv(attn.BWD_ENV, raising=False)
+    assert attn.tiling(n, dtype, d).backward == backward
+    monkeypatch.setenv(attn.BWD_ENV, "split")
+    assert attn.tiling(n, dtype, d).backward == ("split" if backward == "one_pass" else backward)
+    monkeypatch.setenv(attn.BWD_ENV, "fast")
+    with pytest.raises(ValueError, match=r"\$FASTMAE_ATTENTION_BWD must be"):
+        attn.tiling(197, torch.float16, 32)
+
+
+@pytest.mark.parametrize("d,groups", [(16, (16, 1)), (32, (32, 1)), (80, (16, 5)), (48, (16, 3)), (96, (32, 3))])
+def test_column_groups(d, groups):
+    """A head dim as equal power-of-two groups where they pad less than the next power of two (20: one of 32)."""
+    assert attn.column_groups(d) == groups
+    assert attn.column_groups(20) == (32, 1) and attn.column_groups(112) == (16, 7)
+
+
+@pytest.mark.parametrize("n", [65, 197, 256])
+def test_one_pass_and_two_kernel_backward_agree(n, monkeypatch):
+    """The one-pass backward against the two-kernel one it replaces (``$FASTMAE_ATTENTION_BWD=split``), both within
+    the rule against fp64 (fp16; d = 32 with 3 heads, tail rows of 1, 5 and 0)."""
+    monkeypatch.delenv(attn.BWD_ENV, raising=False)
+    assert attn.tiling(n, torch.float16, 32).backward == "one_pass"
+    check_against_eager(2, n, 3, 32, torch.float16, mult=2.0, seed=n)
+    monkeypatch.setenv(attn.BWD_ENV, "split")
+    check_against_eager(2, n, 3, 32, torch.float16, mult=2.0, seed=n)
 
 
 def test_model_triton_attention_matches_eager(monkeypatch):
@@ -300,7 +346,7 @@ def test_compiled_build_registers_triton_ops_with_their_kernels():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = str(sorted(attn._tuner_for(name, False).fn.__name__ for name in attn.CONFIGS))
+    names = str(sorted(attn._tuner_for(name, "16").fn.__name__ for name in attn.CONFIGS))
     assert proc.stdout.splitlines()[-2:] == [names, names]
 
 
@@ -326,9 +372,10 @@ def test_mae_shapes_cuda(n, h, d, dtype):
 def test_every_config_cuda(name):
     """Each autotune candidate, forced, at a shape where that kernel runs with full and tail tiles."""
     n = 50 if name == "bwd_fused" else 197
+    cases = [(torch.float16, 32)] if name == "bwd" else [(torch.bfloat16, 80), (torch.float16, 32)]
     for index in range(len(attn.CONFIGS[name])):
         with attn.force_config(**{name: index}):
-            for dtype, d in [(torch.bfloat16, 80), (torch.float16, 32)]:
+            for dtype, d in cases:
                 check_against_eager(5, n, 3, d, dtype, seed=index)
 
 
@@ -376,22 +423,26 @@ def test_torch_compile_inductor_cuda(n, dtype):
 _PTRS = {"QKV", "Out", "DOut", "DQKV"}
 _F32_PTRS = {"Stats", "Delta"}
 _FLOATS = {"scale", "qk_scale"}
-_CONSTEXPRS = {"HEAD_DIM", "D_PAD", "PRECISION", "EXACT_P", "BLOCK", "TAIL"}
+_CONSTEXPRS = {"HEAD_DIM", "DG", "NG", "PRECISION", "EXACT_P", "BLOCK", "TAIL", "Q_TILES"}
 
 
-def kernel_spec(name: str, cfg, dt: str, head_dim: int, tail: int) -> KernelSpec:
-    """The spec of kernel ``name`` (a key of ``attn.CONFIGS``) in dtype ``dt`` with a ``tail``-long last tile."""
-    fn = attn._tuner_for(name, False).fn
+def kernel_spec(name: str, cfg, dt: str, head_dim: int, tail: int, q_tiles: int = 3) -> KernelSpec:
+    """The spec of kernel ``name`` (a key of ``attn.CONFIGS``) in dtype ``dt`` with a ``tail``-long last tile (and
+    ``q_tiles`` full ones for the one-pass backward)."""
+    fn = attn._tuner_for(name, "16").fn
     kinds = [(_PTRS, f"*{dt}"), (_F32_PTRS, "*fp32"), (_FLOATS, "fp32"), (_CONSTEXPRS, "constexpr")]
     sig = {a: next((t for names, t in kinds if a in names), "i32") for a in fn.arg_names}
     block = tail if name == "bwd_fused" else attn.BLOCK_32 if dt == "fp32" else attn.BLOCK_16
+    width, count = attn.column_groups(head_dim)
     consts = {
         "HEAD_DIM": head_dim,
-        "D_PAD": max(16, 1 << (head_dim - 1).bit_length()),
+        "DG": width,
+        "NG": count,
         "PRECISION": "tf32x3" if dt == "fp32" else "tf32",
         "EXACT_P": dt == "fp32",
         "BLOCK": block,
         "TAIL": tail,
+        "Q_TILES": q_tiles,
     }
     consts = {k: v for k, v in consts.items() if k in sig}
     label = f"{name}[{dt},d={head_dim},tail={tail},w{cfg.num_warps},s{cfg.num_stages}]"
@@ -399,13 +450,18 @@ def kernel_spec(name: str, cfg, dt: str, head_dim: int, tail: int) -> KernelSpec
 
 
 def all_specs() -> list[KernelSpec]:
-    """Every kernel and config: bf16 at ViT-H's d=80 (padded to 128) with the largest tail tile (the shared-memory
-    worst case), fp16 at the decoders' d=32 with a 16-row tail, fp32 at d=80 with its largest tail."""
+    """Every kernel and config: bf16 at ViT-H's d=80 (5 groups of 16, its 4-warp configs) with the largest tail tile
+    (the shared-memory worst case), fp16 at the decoders' d=32 with a 16-row tail (the one-pass backward there only),
+    bf16 at d=128, fp32 at d=80 with its largest tail."""
     specs = []
     for name, cfgs in attn.CONFIGS.items():
         for cfg in cfgs:
-            specs.append(kernel_spec(name, cfg, "bf16", 80, attn.BLOCK_16))
             specs.append(kernel_spec(name, cfg, "fp16", 32, 16))
+            if name != "bwd":
+                specs.append(kernel_spec(name, cfg, "bf16", 128, attn.BLOCK_16))
+    for name, cfgs in attn.CONFIGS_GROUPED.items():
+        if name != "bwd":
+            specs += [kernel_spec(name, cfg, "bf16", 80, attn.BLOCK_16) for cfg in cfgs]
     for name, cfgs in attn.CONFIGS_FP32.items():
         specs += [kernel_spec(name, cfg, "fp32", 80, attn.BLOCK_32) for cfg in cfgs]
     return specs

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton
 
 from fastmae import reference
 from fastmae.kernels import check_errors
@@ -103,6 +104,23 @@ def test_deterministic():
     assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
 
 
+def test_mask_token_gradient_of_a_large_batch_sums_in_two_stages(monkeypatch):
+    """N > SUM_CHUNK at a narrow Dd: the batch sum of dmask_token runs over chunks of SUM_CHUNK samples (the last one
+    short), then over the chunk sums; held to the rule against the reference, and bitwise repeatable."""
+    torch.manual_seed(7)
+    n, dd = 2 * da.SUM_CHUNK + 5, 24
+    spans = []
+    sum_rows = da._sum_rows
+    monkeypatch.setattr(da, "_sum_rows", lambda src, out, span: spans.append(span) or sum_rows(src, out, span))
+    x, ids, tok, pos = make(n, 6, 2, dd, torch.float16)
+    check(x, ids, tok, pos, name="two stages")
+    assert spans[-2:] == [da.SUM_CHUNK, triton.cdiv(triton.cdiv(n, da.SUM_CHUNK), da.SUM_BLOCK_N) * da.SUM_BLOCK_N]
+    gout = torch.randn(n, 7, dd).half()
+    a = grads_of(decoder_assembly, x, ids, tok, pos, gout)
+    b = grads_of(decoder_assembly, x, ids, tok, pos, gout)
+    assert torch.equal(a[1][1], b[1][1])
+
+
 def test_only_mask_token_requires_grad():
     torch.manual_seed(5)
     x, ids, tok, pos = make(2, 9, 2, 16, torch.float32)
@@ -191,10 +209,10 @@ def compile_specs():
             sig = {"G": out_t, "IDS": "*i64", "DX": x_t, "PART": "*fp32", **dict.fromkeys(bwd_ints, "i32")}
             specs.append(KernelSpec(MOD, "_bwd_kernel", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, warps))
     for out_t in ("*fp32", "*fp16", "*bf16"):
-        sig = {"SRC": "*fp32", "OUT": out_t, "N": "i32", "M": "i32", "s_n": "i32"}
+        sig = {"SRC": "*fp32", "OUT": out_t, "N": "i32", "M": "i32", "s_n": "i32", "span": "i32"}
         cx = {"BLOCK_N": 8, "BLOCK_M": 256}
         specs.append(KernelSpec(MOD, "_bwd_sum_kernel", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, 4))
-    sig = {"SRC": "*bf16", "OUT": "*bf16", "N": "i32", "M": "i32", "s_n": "i32"}  # dpos of a bf16 pos_embed
+    sig = {"SRC": "*bf16", "OUT": "*bf16", "N": "i32", "M": "i32", "s_n": "i32", "span": "i32"}  # a bf16 dpos
     specs.append(KernelSpec(MOD, "_bwd_sum_kernel", {**sig, **dict.fromkeys(cx, "constexpr")}, cx, 4))
     return specs
 

@@ -260,8 +260,9 @@ def test_torch_compile_inductor_traces_the_choice_cuda(auto_on_kernels, heads):
 REGISTERED = {
     "fastmae::patch_embed_fwd": ["_fwd_kernel", "_fwd_weight_kernel"],
     "fastmae::patch_embed_bwd": ["_bwd_dimg_kernel", "_bwd_dw_kernel", "_bwd_reduce_kernel", "_fwd_weight_kernel"],
-    "fastmae::masked_mse_fwd": ["_fwd_kernel", "_fwd_reduce_kernel"],
-    "fastmae::masked_mse_bwd": ["_bwd_kernel"],
+    "fastmae::masked_mse_fwd": ["_fwd_kernel", "_fwd_reduce_kernel", "_fwd_wsum_kernel"],
+    "fastmae::masked_mse_bwd": ["_bwd_kernel", "_fwd_wsum_kernel"],
+    "fastmae::masked_mse_bwd_scale": ["_bwd_scale_kernel"],
     "fastmae::decoder_assembly_fwd": ["_fwd_kernel"],
     "fastmae::decoder_assembly_bwd": ["_bwd_kernel", "_bwd_sum_kernel"],
 }

@@ -7,7 +7,7 @@ from fastmae import reference
 from fastmae.kernels import check_errors
 from fastmae.kernels import masked_mse as mm
 from fastmae.kernels._common import poison_outputs
-from fastmae.kernels.masked_mse import masked_mse, tiling
+from fastmae.kernels.masked_mse import masked_mse, row_tiling, tiling
 from fastmae.masking import random_masking
 from tests.compile_harness import KernelSpec, assert_compiles
 from tests.tolerance import assert_within_eager_error, atol_for
@@ -148,6 +148,104 @@ def test_loss_can_be_scaled_in_place_like_the_original_training_loop():
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(pred_k.grad, pred_r.grad)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_unit_upstream_gradient_hands_out_the_forward_gradient(norm):
+    """loss.backward() (g = 1, the scale pass skipped on the device): the rule against the reference, and the
+    gradient of g = 1 times g bitwise equals the gradient of a power-of-two g."""
+    torch.manual_seed(11)
+    pred, imgs = make(2, 3, 3, 5, 8, torch.float16)
+    mask = random_mask(2, 15)
+    loss, grad = kernel_run(masked_mse, pred, imgs, mask, 8, norm, 1.0)
+    ref_lo = eager_run(pred, imgs, mask, 8, norm, 1.0, torch.float16)
+    ref_hi = eager_run(pred, imgs, mask.double(), 8, norm, 1.0, torch.float64)
+    assert_within_eager_error(loss, ref_hi[0], ref_lo[0].float(), torch.float16, "loss")
+    assert_within_eager_error(grad, ref_hi[1], ref_lo[1], torch.float16, "dpred", atol_for(grad, ref_hi[1]))
+    assert (grad[mask == 0] == 0).all()
+    assert torch.equal(kernel_run(masked_mse, pred, imgs, mask, 8, norm, 0.25)[1], grad * 0.25)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on the inf·0 it computes
+@pytest.mark.parametrize("g", [float("inf"), float("nan")])
+def test_non_finite_upstream_gradient_reaches_the_unscored_rows_as_in_the_reference(g):
+    torch.manual_seed(12)
+    pred, imgs = make(2, 3, 2, 3, 8, torch.float32)
+    mask = random_mask(2, 6)
+    grad = kernel_run(masked_mse, pred, imgs, mask, 8, True, g)[1]
+    ref = eager_run(pred, imgs, mask, 8, True, g, torch.float32)[1]
+    assert torch.equal(torch.isnan(grad), torch.isnan(ref)) and torch.equal(torch.isinf(grad), torch.isinf(ref))
+    assert torch.isnan(grad[mask == 0]).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on the inf·0 it computes
+@pytest.mark.parametrize("g", [1.0, 0.25, 3.0, float("inf")])
+@pytest.mark.parametrize("case", ["mask", "rows", "plain"])
+def test_recomputed_gradient_equals_the_formed_one(monkeypatch, case, g):
+    """The backward of a compiled loss (form_gradient() False: pred and the image saved, the gradient recomputed)
+    gives bitwise the gradient the eager forward forms and the backward scales."""
+    torch.manual_seed(14)
+    pred, imgs = make(2, 3, 3, 5, 8, torch.float16)
+    mask = random_mask(2, 15)
+    if case == "rows":
+        ids = torch.argsort(mask, dim=1, descending=True, stable=True)[:, :11]  # [N, M]
+        pred, fn = pred[:, :11], lambda pr, im, m, pp, nn: masked_mse(pr, im, None, pp, nn, ids=ids)
+    else:
+        fn = masked_mse
+    mask = mask if case == "mask" else None
+    formed = kernel_run(fn, pred, imgs, mask, 8, True, g)
+    monkeypatch.setattr(mm, "form_gradient", lambda: False)
+    calls, bwd = [], mm.masked_mse_bwd
+    monkeypatch.setattr(mm, "masked_mse_bwd", lambda *args: calls.append(1) or bwd(*args))
+    recomputed = kernel_run(fn, pred, imgs, mask, 8, True, g)
+    assert calls == [1]
+    assert torch.equal(formed[0], recomputed[0])
+    assert torch.equal(formed[1].isnan(), recomputed[1].isnan())
+    assert torch.equal(formed[1].nan_to_num(), recomputed[1].nan_to_num())
+
+
+def test_backward_runs_once_per_forward():
+    """The first backward scales the forward's gradient in place and hands it out: a second one raises."""
+    pred, imgs = make(1, 3, 2, 2, 8, torch.float32)
+    pred.requires_grad_()
+    loss = masked_mse(pred, imgs, torch.ones(1, 4), 8, True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same loss twice"):
+        loss.backward()
+
+
+def test_no_gradient_is_formed_without_grad(monkeypatch):
+    """The forward writes d0 only when pred needs a gradient (not under no_grad, nor for a pred without grad)."""
+    calls = []
+    fwd = mm.masked_mse_fwd
+    monkeypatch.setattr(mm, "masked_mse_fwd", lambda *args: calls.append(args[-1]) or fwd(*args))
+    pred, imgs = make(2, 3, 2, 2, 8, torch.float32)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0]])
+    plain = masked_mse(pred, imgs, mask, 8, True)
+    with torch.no_grad():
+        quiet = masked_mse(pred.requires_grad_(), imgs, mask, 8, True)
+    graded = masked_mse(pred, imgs, mask, 8, True)
+    assert calls == [False, False, True]
+    assert torch.equal(plain, quiet) and torch.equal(plain, graded.detach())
+    err = torch.zeros(2, dtype=torch.int32)
+    loss, d0 = mm._launch_fwd(pred.detach(), imgs, mask, None, err, 8, 3, 2, True, False)
+    assert d0.numel() == 0 and torch.equal(loss.view(()), plain)
+
+
+@pytest.mark.parametrize("max_parts", [1024, 4])
+def test_mask_sum_over_many_partials(monkeypatch, max_parts):
+    """Σ w from several block sums (and, capped at 4 partials, from spans of several blocks each): fractional
+    weights held to the rule, bitwise repeatable."""
+    monkeypatch.setattr(mm, "WSUM_BLOCK", 4)
+    monkeypatch.setattr(mm, "MAX_WPARTS", max_parts)
+    span, parts = mm.wsum_blocks(2 * 15)
+    assert (span, parts) == ((4, 16) if max_parts == 1024 else (8, 16))
+    torch.manual_seed(13)
+    pred, imgs = make(2, 3, 3, 5, 8, torch.float32)
+    mask = torch.rand(2, 15) * (torch.rand(2, 15) > 0.3)
+    first = check_against_eager(pred, imgs, mask, 8, True, name=f"max_parts={max_parts}")
+    second = check_against_eager(pred, imgs, mask, 8, True, name=f"max_parts={max_parts}")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the 0/0 it computes
@@ -316,35 +414,49 @@ def test_imgs_requiring_grad_is_fine_without_grad_mode():
 
 def compile_specs():
     """Every (p, C) in bf16 (as under autocast), and per tile config fp16 and fp32 with the other flags."""
-    ints = ["total_rows", "num_programs", "R", "L", "GW", "s_pn", "s_pr", "s_pd", "s_in", "s_ic", "s_ih", "s_iw"]
+    ints = ["total_rows", "R", "L", "GW", "s_pn", "s_pr", "s_pd", "s_in", "s_ic", "s_ih", "s_iw"]
 
-    def spec(kernel, pred_t, img_t, p, c, norm=True, has_mask=True, has_ids=False):
-        block_r, block_d, warps = tiling(p * p * c)
-        sig = {"PRED": pred_t, "IMGS": img_t, "MASK": "*fp32", "IDS": "*i64"}
-        if kernel == "_fwd_kernel":
-            sig.update({"PART": "*fp32", "ERR": "*i32", **{k: "i32" for k in ints}})
+    def spec(kernel, pred_t, img_t, p, c, norm=True, has_mask=True, has_ids=False, grad=True):
+        if kernel in ("_fwd_kernel", "_bwd_kernel"):
+            block_r, block_i, block_m, block_s, warps = tiling(p, c)
+            sig = {"PRED": pred_t, "IMGS": img_t, "MASK": "*fp32", "IDS": "*i64", "WPART": "*fp32"}
+            if kernel == "_fwd_kernel":
+                sig.update({"PART": "*fp32", "DPRED": pred_t, "ERR": "*i32"})
+                cx = dict(P=p, C=c, NORM=norm, HAS_MASK=has_mask, HAS_IDS=has_ids, GRAD=grad, WPARTS=64)
+            else:
+                sig.update({"GRAD": "*fp32", "DPRED": pred_t})
+                cx = dict(P=p, C=c, NORM=norm, HAS_MASK=has_mask, HAS_IDS=has_ids, WPARTS=64)
+            sig.update({k: "i32" for k in ints})
+            cx.update(BLOCK_R=block_r, BLOCK_I=block_i, BLOCK_M=block_m, BLOCK_S=block_s)
         else:
-            sig.update({"GRAD": "*fp32", "WSUM": "*fp32", "DPRED": pred_t})
-            sig.update({k: "i32" for k in ints if k != "num_programs"})
-        cx = dict(P=p, C=c, NORM=norm, HAS_MASK=has_mask, HAS_IDS=has_ids, BLOCK_R=block_r, BLOCK_D=block_d)
+            block_r, block_d, warps = row_tiling(p * p * c)
+            sig = {"GRAD": "*fp32", "MASK": "*fp32", "DPRED": pred_t, "total_rows": "i32", "num_blocks": "i32"}
+            cx = dict(D=p * p * c, HAS_MASK=has_mask, BLOCK_R=block_r, BLOCK_D=block_d)
         sig.update({k: "constexpr" for k in cx})
         return KernelSpec(MOD, kernel, sig, cx, num_warps=warps)
 
     specs = []
-    for kernel in ("_fwd_kernel", "_bwd_kernel"):
+    for kernel in ("_fwd_kernel", "_bwd_kernel", "_bwd_scale_kernel"):
         for p, c in PC:
             specs.append(spec(kernel, "*bf16", "*fp32", p, c))
-        for p, c in [(8, 1), (8, 3), (16, 3)]:  # one per tile config
+        for p, c in [(8, 1), (8, 3), (16, 1), (16, 3)]:  # one per tile config
             specs.append(spec(kernel, "*fp16", "*fp16", p, c))
-            specs.append(spec(kernel, "*fp32", "*fp32", p, c, norm=False, has_mask=False, has_ids=True))
-    reduce_sig = {"PART": "*fp32", "LOSS": "*fp32", "WSUM": "*fp32", "ERR": "*i32", "num_programs": "i32"}
-    reduce_sig["BLOCK"] = "constexpr"
-    specs.append(KernelSpec(MOD, "_fwd_reduce_kernel", reduce_sig, {"BLOCK": 1024}))
+            specs.append(spec(kernel, "*fp32", "*fp32", p, c, norm=False, has_mask=False, has_ids=True, grad=False))
+    for has_mask in (False, True):
+        reduce_sig = {"PART": "*fp32", "WPART": "*fp32", "LOSS": "*fp32", "ERR": "*i32", "total_rows": "i32"}
+        reduce_cx = {"HAS_MASK": has_mask, "WPARTS": 16, "BLOCK": 1024}
+        reduce_sig.update({"num_programs": "i32", **dict.fromkeys(reduce_cx, "constexpr")})
+        specs.append(KernelSpec(MOD, "_fwd_reduce_kernel", reduce_sig, reduce_cx))
+    wsum_sig = {"MASK": "*fp32", "WPART": "*fp32", "total_rows": "i32", "span": "i32", "BLOCK": "constexpr"}
+    specs.append(KernelSpec(MOD, "_fwd_wsum_kernel", wsum_sig, {"BLOCK": 1024}))
     return specs
 
 
 def test_tile_configs_are_the_compiled_ones():
-    assert {tiling(p * p * c) for p, c in PC} == {(16, 64, 4), (16, 256, 8), (4, 1024, 8)}
+    fwd = {(16, 8, 8, 8, 4), (16, 8, 32, 32, 8), (16, 16, 16, 16, 8), (4, 16, 64, 64, 8)}
+    assert {tiling(p, c) for p, c in PC} == fwd
+    assert {tiling(p, c) for p, c in [(8, 1), (8, 3), (16, 1), (16, 3)]} == fwd
+    assert {row_tiling(p * p * c) for p, c in PC} == {(16, 64, 4), (16, 256, 8), (4, 1024, 8)}
 
 
 def test_compiles_for_sm80_sm90():

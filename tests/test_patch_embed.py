@@ -1,6 +1,9 @@
 """The fused patchify + visible-patch gather + patch-embedding kernel against the eager op, forward and backward."""
 
 import inspect
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -350,8 +353,9 @@ def _signature(kernel: str, pointers: dict) -> dict:
     return sig
 
 
-def _spec(kernel: str, pointers: dict, constexprs: dict, config: str | None, label: str) -> KernelSpec:
-    warps, stages = pe.CONFIGS[config][3:] if config else (4, 3)
+def _spec(kernel: str, pointers: dict, constexprs: dict, config: str | tuple | None, label: str) -> KernelSpec:
+    """``config``: a name in pe.CONFIGS, a config tuple, or None (4 warps, 3 stages)."""
+    warps, stages = (pe.CONFIGS.get(config, config) if config else (0, 0, 0, 4, 3))[3:]
     return KernelSpec(
         "fastmae.kernels.patch_embed",
         kernel,
@@ -376,9 +380,10 @@ def _specs():
         ("large16", "fp32", "bf16", 2, 16),
         ("large16_short", "fp32", "bf16", 2, 14),
         ("large32", "fp32", "fp32", 0, 14),
+        (pe._SHORT_CONFIGS[32], "bf16", "bf16", 2, 14),  # the P = 14 alternative ($FASTMAE_PATCH_EMBED_SHORT_K=32)
     ]
     for cfg, img, ct_ty, ct, p in fwd_variants:
-        bm, bn, bk = pe.CONFIGS[cfg][:3]
+        bm, bn, bk = pe.CONFIGS.get(cfg, cfg)[:3]
         t, w = "*" + img, "*" + ct_ty
         ptrs = {"IMG": t, "IDS": "*i64", "W": w, "B": t, "POS": t, "CLS": t, "OUT": t, "ROWS": "*i64", "ERR": "*i32"}
         consts = dict(P=p, GW=224 // p, ALIGN=2 if p == 14 else 16, CT=ct, ALLOW_TF32=True, WRITE_ROWS=True)
@@ -412,6 +417,24 @@ def _specs():
         ptrs = {"W": "*" + src, "WM": "*" + dst}
         specs.append(_spec("_fwd_weight_kernel", ptrs, consts, None, f"{src}->{dst},P={p}"))
     return specs
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, "264 (128, 128, 64, 8, 3)"),
+        ({pe.DW_PROGRAMS_ENV: "132", pe.SHORT_K_ENV: "32"}, "132 (128, 128, 32, 8, 4)"),
+        ({pe.DW_PROGRAMS_ENV: "100"}, f"ValueError: ${pe.DW_PROGRAMS_ENV} must be one of 264, 132, got '100'"),
+        ({pe.SHORT_K_ENV: "x"}, f"ValueError: ${pe.SHORT_K_ENV} must be one of 64, 32, got 'x'"),
+    ],
+)
+def test_gpu_choices_come_from_the_environment(env, want):
+    """The variants a GPU report compares (BENCHMARKS.md) are chosen at import; a bad value names the variable."""
+    code = "import fastmae.kernels.patch_embed as pe\nprint(pe.DW_TARGET_PROGRAMS, pe.CONFIGS['large16_short'])"
+    base = {k: v for k, v in os.environ.items() if k not in (pe.DW_PROGRAMS_ENV, pe.SHORT_K_ENV)}
+    proc = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
+    got = proc.stdout.strip() if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1]
+    assert got == want
 
 
 def test_every_kernel_and_config_compiles_for_sm80_and_sm90():

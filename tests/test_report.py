@@ -43,7 +43,13 @@ def dry_run(tmp_path_factory):
 
 
 def present_kernels() -> list[str]:
-    return [op for op in harness.OPS if ops.triton_kernel(op) is not None]
+    """The benchmarked ops whose kernels are all present (the block: those of fastmae.layers.Block)."""
+    needs = {"block": ("layer_norm", "gelu", "attention")}
+    return [op for op in harness.OPS if all(ops.triton_kernel(k) is not None for k in needs.get(op, (op,)))]
+
+
+def kernel_module(op: str) -> str:
+    return "fastmae.layers.Block" if op == "block" else ops.KERNELS[op][0]
 
 
 def test_json_structure(dry_run):
@@ -55,7 +61,7 @@ def test_json_structure(dry_run):
     assert rep["ceilings"]["status"] == "ok"
     assert rep["ceilings"]["copy_gbps"] > 0 and rep["ceilings"]["matmul_tflops"] > 0
     assert rep["budget_s"] is None and rep["total_s"] > 0
-    assert rep["kernels"] == {op: (ops.KERNELS[op][0] if op in present_kernels() else None) for op in harness.OPS}
+    assert rep["kernels"] == {op: (kernel_module(op) if op in present_kernels() else None) for op in harness.OPS}
     assert tuple(harness.OPS) == report.OP_SECTIONS
 
 
@@ -92,11 +98,11 @@ def test_every_provider_has_rows(dry_run):
                     assert r["status"] == "ok", r
                 if provider == "triton":
                     assert r["status"] == ("ok" if op in present_kernels() else "unavailable"), r
-                if provider == "compile":
+                if "compile" in provider:
                     assert r["status"] == "unavailable" and "CUDA only" in r["reason"]
                 if r["status"] == "ok":
                     assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_ceiling"] > 0
-                    assert (r["tflops"] is not None) == (op in ("patch_embed", "attention"))
+                    assert (r["tflops"] is not None) == (op in ("patch_embed", "attention", "block"))
                     assert r["speedup_vs_eager"] > 0
     steps = {r["provider"]: r for r in rows if r["section"] == "step"}
     assert set(steps) == set(harness.STEP_PROVIDERS)
@@ -104,6 +110,21 @@ def test_every_provider_has_rows(dry_run):
         assert steps[name]["status"] == "ok"
         assert steps[name]["images_per_s"] > 0 and 0 < steps[name]["mfu"] == steps[name]["pct_matmul"]
     assert steps["triton"]["kernels"] == present_kernels()
+    for name in ("triton+graphs", "triton+reduce-overhead"):
+        assert steps[name]["status"] == "unavailable" and "CUDA" in steps[name]["reason"]
+
+
+def test_the_triton_step_runs_every_kernel(monkeypatch):
+    """The step rows of provider triton run fastmae's kernels, the fused block's LayerNorm and GELU included."""
+    calls, find = set(), ops.triton_kernel
+
+    def recording(op):
+        fn = find(op)
+        return None if fn is None else lambda *args: calls.add(op) or fn(*args)
+
+    monkeypatch.setattr(ops, "triton_kernel", recording)
+    harness.make_bench("step", TINY, "", "step", "triton", CPU).run()
+    assert calls == {"patch_embed", "attention", "masked_mse", "decoder_assembly", "layer_norm", "gelu"}
 
 
 def test_checks_compare_numbers(dry_run):

@@ -28,7 +28,6 @@ name, every ``--save-every-epochs`` epochs and at the last), ``encoder.pth`` (ti
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -52,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 import fastmae
 from fastmae import checkpoint as ckpt_io
 from fastmae import data, distributed, pipeline, schedule, visualize
+from fastmae import step as steps
 from fastmae.cli import ORIGINAL_PRETRAIN_FLAGS, option, parse_config
 from fastmae.distributed import Dist
 from fastmae.model import encoder_state
@@ -85,6 +85,8 @@ class TrainConfig:
     clip_grad: float | None = option(None, "clip the gradient norm to this value")
     precision: str = option("auto", "auto = bf16 on CUDA, fp32 on CPU", ("auto", "bf16", "fp16", "fp32"))
     compile: bool = option(False, "torch.compile the model")
+    compile_mode: str = option("default", "torch.compile mode", ("default", "reduce-overhead", "max-autotune"))
+    cuda_graphs: bool = option(False, "capture the whole step in a CUDA graph (one GPU; bf16 or fp32)")
     fsdp: bool = option(False, "shard with FSDP2 (fully_shard per block) instead of DDP")
     device: str = option("auto", "auto, cuda or cpu", ("auto", "cuda", "cpu"))
     num_workers: int = option(-1, "loader processes per rank (-1: from the CPU count)")
@@ -138,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` naming the first flag that cannot work."""
+    one_process = not cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) == 1
     checks = [
         (cfg.model in fastmae.list_configs(), f"--model {cfg.model!r} is unknown; known: {fastmae.list_configs()}"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
@@ -158,6 +161,11 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda but CUDA is not available"),
         (not (cfg.precision == "fp16" and not use_cuda(cfg)), "--precision fp16 needs CUDA (use fp32 or bf16)"),
         (not (cfg.precision == "fp16" and cfg.fsdp), "--precision fp16 is not supported with --fsdp; use bf16"),
+        (cfg.compile or cfg.compile_mode == "default", "--compile-mode needs --compile"),
+        (not cfg.cuda_graphs or use_cuda(cfg), "--cuda-graphs needs CUDA"),
+        (not (cfg.cuda_graphs and cfg.precision == "fp16"), "--cuda-graphs does not take fp16's GradScaler; use bf16"),
+        (not cfg.cuda_graphs or one_process, "--cuda-graphs runs in one process: DDP and FSDP are not captured"),
+        (not (cfg.cuda_graphs and cfg.compile), "--cuda-graphs captures the uncompiled step (--compile: see README)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -209,7 +217,8 @@ def train(cfg: TrainConfig) -> RunResult:
     Raises:
         ConfigError: a flag that cannot work; CheckpointError: an unusable ``--resume`` or ``--init-from`` file;
         BadImageError: an unreadable image with ``--bad-images error``;
-        NonFiniteError: the loss or gradient norm became inf/NaN (parameters are left as of the step before).
+        NonFiniteError: the loss or gradient norm of a step became inf/NaN (seen where the loop reads its numbers:
+            at the next log line, checkpoint or picture; nothing is saved from that step on).
     """
     validate(cfg)
     env = distributed.setup(use_cuda(cfg))
@@ -278,7 +287,7 @@ def build_model(cfg: TrainConfig, env: Dist, init_from: str | None) -> Model:
         ddp = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids, gradient_as_bucket_view=True)
         model = ddp
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.compile_mode)
     return Model(raw, model, ddp)
 
 
@@ -301,7 +310,8 @@ class Run:
     peak_lr: float
     layout: dict  # where a step lies in the data stream: an exact mid-epoch resume needs the same layout
     resume_path: Path | None
-    mask_gen: torch.Generator
+    train_step: steps.TrainStep | steps.GraphedStep  # launches a step; its numbers stay on the device
+    pending: steps.Pending  # the numbers of the steps not read yet
     report_bad: data.BadImageLog
     viz: tuple[torch.Tensor, torch.Tensor] | None = None  # fixed images and mask noise for the pictures
 
@@ -352,10 +362,14 @@ def build(cfg: TrainConfig, env: Dist) -> Run:
     layout = dict(steps_per_epoch=steps_per_epoch, world_size=env.world, batch_size=cfg.batch_size)
     layout.update(accum_iter=cfg.accum_iter, epoch_len=len(parts.dataset), seed=cfg.seed)
     stop_step = min(total_steps, cfg.max_steps or total_steps)
-    mask_gen = torch.Generator(device=env.device)
+    step = steps.TrainStep(net.model, net.raw, optimizer, scaler, amp_dtype, cfg.mask_ratio, cfg.pred_masked_only,
+                           cfg.accum_iter, cfg.clip_grad, env.device, net.ddp, cfg.fsdp)  # fmt: skip
+    step.mark_cudagraph_steps = cfg.compile and cfg.compile_mode == "reduce-overhead"
+    pending = steps.Pending(cfg.log_every, env.device)
     report_bad = data.BadImageLog(f"pretrain: {f'rank {env.rank}: ' if env.world > 1 else ''}")
     return Run(cfg, env, out, parts, net, optimizer, scaler, precision, autocast, steps_per_epoch, stop_step,
-               eff_batch, peak_lr, layout, resume_path, mask_gen, report_bad)  # fmt: skip
+               eff_batch, peak_lr, layout, resume_path, steps.GraphedStep(step) if cfg.cuda_graphs else step,
+               pending, report_bad)  # fmt: skip
 
 
 def resume(run: Run) -> int:
@@ -393,6 +407,7 @@ def announce(run: Run, start: int) -> None:
     resolved.update(run.layout, precision=run.precision, device=str(env.device), data=source, decode=run.data.decode)
     (run.out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **resolved}, indent=2))
     mode = "FSDP" if cfg.fsdp else "DDP" if run.net.ddp else "single process"
+    mode += ", CUDA graph of the step" if cfg.cuda_graphs else f", compile {cfg.compile_mode}" if cfg.compile else ""
     print(
         f"fastmae pretrain: {cfg.model} ({run.data.img_size}px) on {env.world}×{env.device.type} ({mode}, "
         f"{run.precision}); data: {source} (--decode {run.data.decode}); eff. batch {run.eff_batch}, "
@@ -400,17 +415,6 @@ def announce(run: Run, start: int) -> None:
         f"{f', resumed from {run.resume_path}' if run.resume_path else ''}; output {run.out}",
         flush=True,
     )
-
-
-@dataclass
-class StepStats:
-    """One step's numbers, the same on every rank: loss (mean over micro-steps and ranks), gradient norm, lr and
-    unreadable images skipped (all ranks)."""
-
-    loss: float
-    grad_norm: float
-    lr: float
-    bad_images: int
 
 
 def batches(run: Run, start: int) -> Iterator[tuple[int, list[data.ViewBatch]]]:
@@ -427,52 +431,35 @@ def batches(run: Run, start: int) -> Iterator[tuple[int, list[data.ViewBatch]]]:
         del loader
 
 
-def train_step(run: Run, step: int, micro_batches: list[data.ViewBatch]) -> StepStats:
-    """Optimizer step ``step + 1``: forward and backward of each micro-batch, then one AdamW update."""
-    cfg, env, raw = run.cfg, run.env, run.net.raw
-    epoch, in_epoch = divmod(step, run.steps_per_epoch)
-    lr = schedule.lr_at(epoch + in_epoch / run.steps_per_epoch, run.peak_lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr)
-    schedule.set_lr(run.optimizer, lr)
-    loss_sum, bad = torch.zeros((), device=env.device), 0
-    for micro, batch in enumerate(micro_batches):
+def take_step(run: Run, done: int, micro_batches: list[data.ViewBatch]) -> None:
+    """Launch optimizer step ``done + 1``; its loss and gradient norm stay on the device (``run.pending``)."""
+    cfg, env, spe = run.cfg, run.env, run.steps_per_epoch
+    bad = 0
+    for batch in micro_batches:
         for item in batch.bad:
             run.report_bad(item)
         bad += len(batch.bad)
-        imgs = batch.images.to(env.device, non_blocking=True)  # [B, 3, S, S]
-        # The masks of (rank, step, micro-step) are fixed by the seed: the same after a resume.
-        run.mask_gen.manual_seed(distributed.derive_seed(cfg.seed + env.rank, step, micro))
-        noise = torch.rand(imgs.shape[0], raw.num_patches, generator=run.mask_gen, device=env.device)  # [B, L]
-        last = micro == cfg.accum_iter - 1
-        if cfg.fsdp:
-            raw.set_requires_gradient_sync(last)
-        with run.net.ddp.no_sync() if run.net.ddp is not None and not last else contextlib.nullcontext():
-            with run.autocast:
-                loss, _, _ = run.net.model(imgs, cfg.mask_ratio, noise, cfg.pred_masked_only)
-            run.scaler.scale(loss / cfg.accum_iter).backward()
-        loss_sum += loss.detach().float()
-    run.scaler.unscale_(run.optimizer)
-    trainable = [p for p in raw.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-    if cfg.clip_grad:
-        torch.nn.utils.clip_grads_with_norm_(trainable, cfg.clip_grad, grad_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-        grad_norm = grad_norm.full_tensor()
-    shared = torch.stack([loss_sum / cfg.accum_iter, torch.tensor(float(bad), device=env.device)])  # [loss, bad]
-    if dist.is_initialized():
-        dist.all_reduce(shared)  # a NaN on any rank reaches every rank: all stop together
-        shared[0] /= env.world
-    loss_value, bad_total, norm_value = torch.cat([shared, grad_norm.float().view(1)]).tolist()
-    if not math.isfinite(loss_value) or (run.precision != "fp16" and not math.isfinite(norm_value)):
-        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-        raise NonFiniteError(
-            f"non-finite {what} (loss {loss_value}, grad norm {norm_value}) at step {step + 1} (epoch {epoch}, "
-            f"lr {lr:.3g}); stopped before updating the weights. Last checkpoint: "
-            f"{ckpt_io.latest_checkpoint(run.out) or 'none'}. Try a lower --blr, --clip-grad or fp32."
-        )
-    run.scaler.step(run.optimizer)  # fp16: skipped when the scaled gradients overflowed
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_value, norm_value, lr, int(bad_total))
+    epoch, in_epoch = divmod(done, spe)
+    lr = schedule.lr_at(epoch + in_epoch / spe, run.peak_lr, cfg.epochs, cfg.warmup_epochs, cfg.min_lr)
+    # The masks of (rank, step, micro-step) are fixed by the seed: the same after a resume.
+    seeds = [distributed.derive_seed(cfg.seed + env.rank, done, micro) for micro in range(cfg.accum_iter)]
+    values = run.train_step([batch.images for batch in micro_batches], seeds, lr)  # [2]: loss, grad norm (unread)
+    run.pending.add(done + 1, values, lr, bad)
+
+
+def read_numbers(run: Run, log: visualize.Progress) -> None:
+    """The loop's one host synchronization: the pending steps' numbers, checked and logged in order. A non-finite
+    loss or gradient norm stops the run naming its step, before anything is saved from the weights it made."""
+    for s in run.pending.read(run.env.world):
+        if not math.isfinite(s.loss) or (run.precision != "fp16" and not math.isfinite(s.grad_norm)):
+            what = "loss" if not math.isfinite(s.loss) else "gradient norm"
+            raise NonFiniteError(
+                f"non-finite {what} (loss {s.loss}, grad norm {s.grad_norm}) at step {s.step} (epoch "
+                f"{(s.step - 1) // run.steps_per_epoch}, lr {s.lr:.3g}); nothing was saved after step {s.step - 1}. "
+                f"Last checkpoint: {ckpt_io.latest_checkpoint(run.out) or 'none'}. Try a lower --blr, --clip-grad "
+                "or fp32."
+            )
+        log.update(s.step, s.loss, s.lr, s.grad_norm, s.bad_images)
 
 
 def save(run: Run, step: int, epoch_name: int | None = None) -> None:
@@ -488,7 +475,7 @@ def save(run: Run, step: int, epoch_name: int | None = None) -> None:
         epoch, in_epoch = divmod(step, run.steps_per_epoch)
         state = {
             "model": model_state,
-            "optimizer": ckpt_io.optimizer_by_index(optim_state),
+            "optimizer": ckpt_io.optimizer_by_index(steps.plain_param_groups(optim_state)),
             "epoch": epoch - 1,  # the last completed epoch, as the original counts
             "scaler": ckpt_io.scaler_state(run.scaler),
             "args": dataclasses.asdict(run.cfg),
@@ -561,15 +548,18 @@ def _train(cfg: TrainConfig, env: Dist) -> RunResult:
             render(run, 0, metrics)
         run.net.model.train()
         for done, micro_batches in batches(run, step):
-            stats = train_step(run, done, micro_batches)
+            take_step(run, done, micro_batches)
             step = done + 1
-            log.update(step, stats.loss, stats.lr, stats.grad_norm, stats.bad_images)
             epoch_name = archived_epoch(run, step)
             saved = epoch_name is not None or (cfg.save_every_steps and step % cfg.save_every_steps == 0)
+            viz = cfg.viz_every and step % cfg.viz_every == 0
+            if saved or viz or step % cfg.log_every == 0 or step == run.stop_step or run.pending.full:
+                read_numbers(run, log)
             if saved:
                 save(run, step, epoch_name)
-            if cfg.viz_every and step % cfg.viz_every == 0:
+            if viz:
                 render(run, step, metrics)
+        read_numbers(run, log)
         finish(run, step, saved, log)
     finally:
         log.close()
