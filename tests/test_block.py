@@ -218,3 +218,28 @@ def test_vit_b_blocks_under_autocast_cuda(dim, heads, tokens, bias_in_gelu, monk
     for k in ("out", *res["fp32"][1]):
         got, lo, hi = ((r[0] if k == "out" else r[1][k]).float() for r in (res["fused"], res["eager"], res["fp32"]))
         assert_within_eager_error(got, hi, lo, torch.bfloat16, k)
+
+
+def test_byte_count_of_one_gemm_and_a_view():
+    """benches/block_bytes counts what an op takes and returns, views nothing, and a GEMM's FLOPs."""
+    from benches.block_bytes import ByteCounter
+
+    a, b, bias = torch.randn(6, 4), torch.randn(4, 5), torch.randn(5)
+    with ByteCounter() as count:
+        torch.addmm(bias, a, b).t().reshape(-1)  # the transpose's reshape copies: read 30 floats, write 30
+    assert dict(count.read) == {"aten::addmm": 4 * (5 + 24 + 20), "aten::clone": 4 * 30}
+    assert dict(count.written) == {"aten::addmm": 4 * 30, "aten::clone": 4 * 30}
+    assert count.gemm_flops == 2 * 6 * 4 * 5 and count.other_bytes() == 4 * 60
+
+
+@pytest.mark.parametrize("tokens, dim, heads", [((2, 5), 64, 2), ((3, 17), 80, 1)])
+def test_fused_block_moves_fewer_bytes_than_timm(tokens, dim, heads):
+    """The fused block (pending residual, LayerNorm with the add, attention writing dqkv in place, GELU with fc1's
+    bias) moves fewer bytes forward and backward than timm's, with the same GEMM work."""
+    from benches.block_bytes import block_bytes
+
+    eager, fused = (block_bytes(kind, tokens, dim, heads, 4.0) for kind in ("timm", "fastmae"))
+    assert fused.gemm_flops == eager.gemm_flops > 0
+    assert fused.other_bytes() < 0.8 * eager.other_bytes()
+    assert {"fastmae::layer_norm_fwd", "fastmae::attention_fwd", "fastmae::gelu_fwd"} <= fused.read.keys()
+    assert not {"aten::native_layer_norm", "aten::gelu", "aten::stack"} & fused.read.keys()

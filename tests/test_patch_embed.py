@@ -420,21 +420,28 @@ def _specs():
 
 
 @pytest.mark.parametrize(
-    "env, want",
-    [
-        ({}, "264 (128, 128, 64, 8, 3)"),
-        ({pe.DW_PROGRAMS_ENV: "132", pe.SHORT_K_ENV: "32"}, "132 (128, 128, 32, 8, 4)"),
-        ({pe.DW_PROGRAMS_ENV: "100"}, f"ValueError: ${pe.DW_PROGRAMS_ENV} must be one of 264, 132, got '100'"),
-        ({pe.SHORT_K_ENV: "x"}, f"ValueError: ${pe.SHORT_K_ENV} must be one of 64, 32, got 'x'"),
-    ],
+    "value, want",
+    [(None, 264), ("", 264), (" 132 ", 132), ("100", "got '100'"), ("x", "got 'x'")],
 )
-def test_gpu_choices_come_from_the_environment(env, want):
-    """The variants a GPU report compares (BENCHMARKS.md) are chosen at import; a bad value names the variable."""
-    code = "import fastmae.kernels.patch_embed as pe\nprint(pe.DW_TARGET_PROGRAMS, pe.CONFIGS['large16_short'])"
-    base = {k: v for k, v in os.environ.items() if k not in (pe.DW_PROGRAMS_ENV, pe.SHORT_K_ENV)}
-    proc = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
-    got = proc.stdout.strip() if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1]
-    assert got == want
+def test_gpu_choice_from_the_environment(monkeypatch, value, want):
+    """A choice a GPU report compares (BENCHMARKS.md) comes from its variable; a bad value names the variable."""
+    if value is None:
+        monkeypatch.delenv(pe.DW_PROGRAMS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(pe.DW_PROGRAMS_ENV, value)
+    if isinstance(want, int):
+        assert pe._env_choice(pe.DW_PROGRAMS_ENV, 264, (264, 132)) == want
+    else:
+        with pytest.raises(ValueError, match=rf"^\${pe.DW_PROGRAMS_ENV} must be one of 264, 132, {want}"):
+            pe._env_choice(pe.DW_PROGRAMS_ENV, 264, (264, 132))
+
+
+def test_gpu_choices_are_read_at_import():
+    code = "import fastmae.kernels.patch_embed as pe; print(pe.DW_TARGET_PROGRAMS, pe.CONFIGS['large16_short'])"
+    env = {**os.environ, pe.DW_PROGRAMS_ENV: "132", pe.SHORT_K_ENV: "32"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert proc.stdout.split("\n")[-2] == "132 (128, 128, 32, 8, 4)"
+    assert (pe.DW_TARGET_PROGRAMS, pe.CONFIGS["large16_short"]) == (264, (128, 128, 64, 8, 3))  # this process: unset
 
 
 def test_every_kernel_and_config_compiles_for_sm80_and_sm90():
