@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = harness.TINY_MODELS["tiny"]
 CPU = torch.device("cpu")
 
-# The module-scoped dry run is built once: keep the module on one pytest-xdist worker.
+# The dry run is built once: keep the module on one pytest-xdist worker.
 pytestmark = pytest.mark.xdist_group("report")
 STATUSES = {"ok", "error", "skipped", "unavailable"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may run other modules between its tests
 def dry_run(tmp_path_factory):
     """``python benches/report.py --dry-run`` in a subprocess, as a user would run it."""
     out = tmp_path_factory.mktemp("report")

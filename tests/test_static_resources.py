@@ -24,6 +24,9 @@ from tests import mae_launches
 
 TRITON = "3.8."
 
+# One worker builds the (slow) capture once for every test here.
+pytestmark = pytest.mark.xdist_group("static")
+
 _IMG14 = "P=14: a patch row (28 B of bf16, 56 B of fp32) starts at a multiple of 28 B, so 2-pixel pieces at most"
 _ROWS = "ROWS: 8-B loads (one int64 patch offset per row of the tile, 256-512 B a step beside 32 KB of operands)"
 _IDS_R = "ids_restore rows gathered at t-1"
@@ -99,7 +102,7 @@ KNOWN_NARROW = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may run other modules between its tests
 def kernels() -> dict:
     """Compiled kernel label -> its figures (launches sharing one compiled kernel share them)."""
     if not triton.__version__.startswith(TRITON):

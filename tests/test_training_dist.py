@@ -50,7 +50,7 @@ def saved_model(tmp_path: Path, name: str, step: int) -> dict:
     return ck.load_checkpoint(ck.checkpoint_path(tmp_path / name, step))["model"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may run other modules between its tests
 def runs(tmp_path_factory):
     """Three 2-process runs of 6 steps (40 views, 2 ranks × 4 images × 2 micro-steps: 2 steps per epoch)."""
     tmp = tmp_path_factory.mktemp("dist")
