@@ -30,7 +30,7 @@ pytestmark = pytest.mark.xdist_group("report")
 STATUSES = {"ok", "error", "skipped", "unavailable"}
 
 
-@pytest.fixture(scope="session")  # once per worker: xdist may run other modules between its tests
+@pytest.fixture(scope="session")  # once per worker (one worker with xdist_group)
 def dry_run(tmp_path_factory):
     """``python benches/report.py --dry-run`` in a subprocess, as a user would run it."""
     out = tmp_path_factory.mktemp("report")

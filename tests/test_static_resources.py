@@ -102,7 +102,7 @@ KNOWN_NARROW = {
 }
 
 
-@pytest.fixture(scope="session")  # once per worker: xdist may run other modules between its tests
+@pytest.fixture(scope="session")  # once per worker (one worker with xdist_group)
 def kernels() -> dict:
     """Compiled kernel label -> its figures (launches sharing one compiled kernel share them)."""
     if not triton.__version__.startswith(TRITON):

@@ -14,7 +14,7 @@ from fastmae import checkpoint as ck
 
 from .test_training import SCRIPT, TINY, argv_of
 
-# Several torchrun jobs of 2 processes, built once by a module-scoped fixture: the module stays on one
+# Several torchrun jobs of 2 processes, built once by a session-scoped fixture: the module stays on one
 # pytest-xdist worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]
 
@@ -50,7 +50,7 @@ def saved_model(tmp_path: Path, name: str, step: int) -> dict:
     return ck.load_checkpoint(ck.checkpoint_path(tmp_path / name, step))["model"]
 
 
-@pytest.fixture(scope="session")  # once per worker: xdist may run other modules between its tests
+@pytest.fixture(scope="session")  # once per worker (one worker with xdist_group)
 def runs(tmp_path_factory):
     """Three 2-process runs of 6 steps (40 views, 2 ranks × 4 images × 2 micro-steps: 2 steps per epoch)."""
     tmp = tmp_path_factory.mktemp("dist")
