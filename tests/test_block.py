@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 import fastmae
 from fastmae import layers, ops
 from fastmae.reference import LayerNorm6, MaskedAutoencoderViT
-from tests.tolerance import assert_within_eager_error
+from tests.tolerance import assert_model_within_eager_error, assert_within_eager_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAME = "mae_vit_nano_patch8"
@@ -102,28 +102,11 @@ def test_model_with_fused_blocks_matches_eager(pred_masked_only, bias_in_gelu, m
     calls = only_kernels(monkeypatch, {"layer_norm", "gelu"})
     monkeypatch.setattr(layers.Mlp, "bias_in_gelu", bias_in_gelu)
     torch.manual_seed(0)
-    eager = fastmae.create_model(NAME, impl="eager").to(DEVICE)
-    models = {"eager": eager}
-    for name, impl, dtype in [("triton", "triton", torch.float32), ("fp64", "eager", torch.float64)]:
-        models[name] = fastmae.create_model(NAME, impl=impl).to(DEVICE, dtype)
-        models[name].load_state_dict(eager.state_dict())
-    imgs = torch.randn(2, 3, 64, 64, device=DEVICE)
-    noise = torch.rand(2, 64, device=DEVICE)
-    res = {}
-    for name, model in models.items():
-        dtype = next(model.parameters()).dtype
-        loss, pred, _ = model(imgs.to(dtype), noise=noise.to(dtype), pred_masked_only=pred_masked_only)
-        loss.backward()
-        res[name] = (loss.detach(), pred.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad})
+    build = lambda impl: fastmae.create_model(NAME, impl=impl)  # noqa: E731
+    eager = assert_model_within_eager_error(build, DEVICE, 64, 64, pred_masked_only=pred_masked_only)
     depth, decoder_depth = len(eager.blocks), len(eager.decoder_blocks)
     assert calls.count("layer_norm") == 2 * (depth + decoder_depth) + 2
     assert calls.count("gelu") == depth + decoder_depth
-    for i, what in enumerate(("loss", "pred")):
-        assert_within_eager_error(res["triton"][i], res["fp64"][i], res["eager"][i], torch.float32, what)
-    grads = {name: r[2] for name, r in res.items()}
-    assert grads["triton"].keys() == grads["eager"].keys()
-    for k in grads["eager"]:
-        assert_within_eager_error(grads["triton"][k], grads["fp64"][k], grads["eager"][k], torch.float32, k)
 
 
 def test_other_norm_layers_run_eagerly(monkeypatch):

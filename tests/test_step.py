@@ -20,7 +20,7 @@ from fastmae import checkpoint as ck
 from fastmae import masking
 from fastmae import step as steps
 
-from .test_training import one_thread, pretrain, tiny  # noqa: F401 (one_thread: autouse fixture)
+from .test_training import one_thread, poison_fifth_loss, pretrain, tiny  # noqa: F401 (one_thread: autouse fixture)
 
 READS = ("item", "tolist", "cpu", "numpy", "nonzero", "argwhere", "__bool__", "__float__", "__int__", "__index__")
 
@@ -174,17 +174,7 @@ def test_random_masking_reads_nothing(monkeypatch):
 
 
 def test_a_non_finite_step_found_late_is_named_and_nothing_is_saved_after_it(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = pretrain.fastmae.MAE.forward_loss
-
-    def poisoned(self, *args, **kwargs):
-        loss = original(self, *args, **kwargs)
-        if not torch.is_grad_enabled():  # the reconstruction pictures
-            return loss
-        calls["n"] += 1
-        return loss * float("nan") if calls["n"] == 5 else loss  # micro-step 5 = step 3's first half
-
-    monkeypatch.setattr(pretrain.fastmae.MAE, "forward_loss", poisoned)
+    calls = poison_fifth_loss(monkeypatch)  # step 3
     cfg = tiny(tmp_path, max_steps=8, log_every=4, save_every_steps=2)  # numbers read at steps 2, 4, 6, 8
     with pytest.raises(pretrain.NonFiniteError) as info:
         pretrain.train(cfg)

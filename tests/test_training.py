@@ -129,7 +129,9 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     assert not [p for p in Path(cfg.output_dir).iterdir() if p.name.endswith(".tmp")]
 
 
-def test_non_finite_check_sees_a_single_nan(tmp_path, monkeypatch):
+def poison_fifth_loss(monkeypatch) -> dict:
+    """Make the training loss of the 5th micro-step NaN (step 3's first half at 2 micro-steps a step); returns the
+    count of training forwards so far, ``{"n": ...}``."""
     calls = {"n": 0}
     original = pretrain.fastmae.MAE.forward_loss
 
@@ -138,9 +140,14 @@ def test_non_finite_check_sees_a_single_nan(tmp_path, monkeypatch):
         if not torch.is_grad_enabled():  # the reconstruction pictures
             return loss
         calls["n"] += 1
-        return loss * float("nan") if calls["n"] == 5 else loss  # micro-step 5 = step 3's first half
+        return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(pretrain.fastmae.MAE, "forward_loss", poisoned)
+    return calls
+
+
+def test_non_finite_check_sees_a_single_nan(tmp_path, monkeypatch):
+    poison_fifth_loss(monkeypatch)
     with pytest.raises(pretrain.NonFiniteError, match=r"non-finite loss \(loss nan.* at step 3 \(epoch 0"):
         pretrain.train(tiny(tmp_path, max_steps=5))
 

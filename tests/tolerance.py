@@ -42,3 +42,31 @@ def assert_within_eager_error(
     err, eager_err = max_err(out, ref_hi), max_err(ref_lo, ref_hi)
     bound = 2 * eager_err + atol
     assert err <= bound, f"{name}: kernel error {err:.3g} > 2 × eager error {eager_err:.3g} + {atol:g}"
+
+
+def assert_model_within_eager_error(build, device, img_size: int, num_patches: int, **forward_kwargs):
+    """``build(impl)`` with ``impl="triton"`` (fp32) against ``impl="eager"`` (fp32, and an fp64 copy as the
+    reference), all with the eager model's weights: loss, prediction and every parameter gradient within the rule.
+
+    Returns the eager model.
+    """
+    eager = build("eager").to(device)
+    models = {"eager": eager}
+    for name, impl, dtype in [("triton", "triton", torch.float32), ("fp64", "eager", torch.float64)]:
+        models[name] = build(impl).to(device, dtype)
+        models[name].load_state_dict(eager.state_dict())
+    imgs = torch.randn(2, 3, img_size, img_size, device=device)
+    noise = torch.rand(2, num_patches, device=device)
+    res = {}
+    for name, model in models.items():
+        dtype = next(model.parameters()).dtype
+        loss, pred, _ = model(imgs.to(dtype), noise=noise.to(dtype), **forward_kwargs)
+        loss.backward()
+        res[name] = (loss.detach(), pred.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad})
+    for i, what in enumerate(("loss", "pred")):
+        assert_within_eager_error(res["triton"][i], res["fp64"][i], res["eager"][i], torch.float32, what)
+    grads = {name: r[2] for name, r in res.items()}
+    assert grads["triton"].keys() == grads["eager"].keys()
+    for k in grads["eager"]:
+        assert_within_eager_error(grads["triton"][k], grads["fp64"][k], grads["eager"][k], torch.float32, k)
+    return eager
